@@ -1,0 +1,25 @@
+"""The Kronecker core: exact Fisher blocks, Kronecker approximations, solves and metrics.
+
+Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 and float64.
+"""
+
+from fisherlab.kron.fitters import DEFAULT_RANK, METHODS, FitInfo, FitResult, fit
+from fisherlab.kron.metrics import dense_error1, dense_error2, error1, error2
+from fisherlab.kron.operator import KronSum
+from fisherlab.kron.stats import BlockStats, BlockTooLargeError, KroneckerSVD
+
+__all__ = [
+    "DEFAULT_RANK",
+    "METHODS",
+    "BlockStats",
+    "BlockTooLargeError",
+    "FitInfo",
+    "FitResult",
+    "KronSum",
+    "KroneckerSVD",
+    "dense_error1",
+    "dense_error2",
+    "error1",
+    "error2",
+    "fit",
+]

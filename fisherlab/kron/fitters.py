@@ -1,0 +1,246 @@
+"""Kronecker approximations of a Fisher block, one function each, in a registry by name.
+
+Every fitter takes :class:`~fisherlab.kron.stats.BlockStats` and returns a :class:`FitResult`:
+the approximation as a :class:`~fisherlab.kron.operator.KronSum` and its diagnostics. The
+first term is symmetric positive semi-definite (Prop. 3.2 of the paper: the sign of the top
+Kronecker singular pair is chosen so, then the factors are symmetrized). Each term
+``σ_k R_k ⊗ S_k`` (``‖R_k‖ = ‖S_k‖ = 1``) is stored as ``(√σ_k R_k) ⊗ (√σ_k S_k)``.
+
+References:
+    Martens & Grosse, *Optimizing neural networks with Kronecker-factored approximate
+    curvature*, ICML 2015 (KFAC).
+    Koroko et al. 2022, §3.1 (KPSVD), §3.2.1 (Deflation), §3.2.2 (Lanczos), §3.3
+    (KFAC-corrected).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fisherlab.kron.operator import KronSum
+from fisherlab.kron.rsvd import Rearranged, Triplets, lanczos_svd, power_svd
+from fisherlab.kron.stats import BlockStats
+
+
+@dataclass
+class FitInfo:
+    """Diagnostics of one fit.
+
+    Attributes:
+        method: registry name.
+        rank: number of Kronecker terms returned.
+        iterations: products with ``Z(F)`` or ``Z(F)ᵀ`` pairs (0 for closed forms).
+        residual: final ``‖Zᵀu − σ v‖ / σ`` (0 for closed forms).
+        converged: whether the tolerance was met.
+        seconds: wall-clock time of the fit.
+        singular_values: Kronecker singular values ``σ_k`` of the fitted terms (for
+            ``gram_svd``: the whole profile).
+    """
+
+    method: str
+    rank: int
+    iterations: int = 0
+    residual: float = 0.0
+    converged: bool = True
+    seconds: float = 0.0
+    singular_values: Tensor | None = None
+
+
+@dataclass
+class FitResult:
+    """An approximation, its diagnostics and the right singular vectors used to warm-start."""
+
+    op: KronSum
+    info: FitInfo
+    warm: Tensor | None = field(default=None, repr=False)
+
+
+Fitter = Callable[..., FitResult]
+METHODS: dict[str, Fitter] = {}
+#: Number of Kronecker terms each method returns by default (the paper's choices).
+DEFAULT_RANK = {"kfac": 1, "kpsvd": 1, "deflation": 2, "lanczos": 2, "kfac_corrected": 2, "gram_svd": 2}
+
+
+def register(name: str) -> Callable[[Fitter], Fitter]:
+    def deco(fn: Fitter) -> Fitter:
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
+    """Fit ``method`` (a name in :data:`METHODS`) to the block of ``stats``.
+
+    Args:
+        rank: number of Kronecker terms (default: the paper's choice, :data:`DEFAULT_RANK`).
+        init: a previous result of the same method on the same layer, to warm-start the
+            iterative methods from its singular vectors.
+        options: method-specific settings (``tol``, ``max_iter``, ``krylov_dim``...).
+
+    Raises:
+        ValueError: unknown method (the message lists the valid ones) or invalid rank.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    accepted = options_of(method)
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise ValueError(f"{method} takes no option {', '.join(sorted(unknown))}; it takes {', '.join(accepted) or 'none'}")
+    rank = DEFAULT_RANK[method] if rank is None else rank
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    start = time.perf_counter()
+    result = METHODS[method](stats, rank=rank, init=init, **options)
+    result.info.seconds = time.perf_counter() - start
+    return result
+
+
+def options_of(method: str) -> tuple[str, ...]:
+    """The method-specific keyword options that ``method`` accepts."""
+    params = inspect.signature(METHODS[method]).parameters
+    return tuple(name for name in params if name not in ("stats", "rank", "init"))
+
+
+def _terms(t: Triplets) -> KronSum:
+    root = t.sigma.clamp_min(0).sqrt()[:, None, None]
+    return KronSum(root * t.left, root * t.right)
+
+
+def _psd_first(op: KronSum) -> KronSum:
+    """Flip the first term's joint sign so its factors have positive trace; symmetrize all."""
+    act, grad = op.act.clone(), op.grad.clone()
+    if torch.trace(act[0]) < 0:
+        act[0], grad[0] = -act[0], -grad[0]
+    return KronSum(act, grad).symmetrized()
+
+
+def _start(stats: BlockStats, init: FitResult | None, rank: int) -> Tensor:
+    # KFAC's G is close to the top right singular vector, and PSD (which power SVD keeps).
+    if init is not None and init.warm is not None and init.warm.shape[-1] == stats.d_grad:
+        return init.warm[:rank].to(stats.dtype)
+    return stats.kfac_factors()[1][None]
+
+
+def _check_rank(method: str, rank: int, allowed: int) -> None:
+    if rank != allowed:
+        raise ValueError(f"{method} has rank {allowed} by definition, got rank={rank}")
+
+
+@register("kfac")
+def fit_kfac(stats: BlockStats, rank: int = 1, init: FitResult | None = None) -> FitResult:
+    """KFAC: ``A = E[ā āᵀ]``, ``G = E[g gᵀ]`` (a closed form, rank 1)."""
+    _check_rank("kfac", rank, 1)
+    act, grad = stats.kfac_factors()
+    return FitResult(KronSum(act, grad), FitInfo("kfac", 1))
+
+
+@register("kpsvd")
+def fit_kpsvd(
+    stats: BlockStats, rank: int = 1, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
+) -> FitResult:
+    """KPSVD: the nearest Kronecker product ``σ R ⊗ S`` by the power SVD of ``Z(F)`` (rank 1)."""
+    _check_rank("kpsvd", rank, 1)
+    t = power_svd(Rearranged(stats), _start(stats, init, 1)[0], tol, max_iter)
+    info = FitInfo("kpsvd", 1, t.iterations, t.residual, t.converged, singular_values=t.sigma)
+    return FitResult(_psd_first(_terms(t)), info, t.right)
+
+
+@register("deflation")
+def fit_deflation(
+    stats: BlockStats, rank: int = 2, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
+) -> FitResult:
+    """Deflation: ``rank`` successive power SVDs, each on ``Z(F)`` less the triplets before it."""
+    op = Rearranged(stats)
+    starts = _start(stats, init, rank)
+    found: list[Triplets] = []
+    for k in range(rank):
+        v0 = starts[k] if k < starts.shape[0] else _deflated_start(op, found)
+        t = power_svd(op, v0, tol, max_iter)
+        found.append(t)
+        terms = _terms(t)
+        op = op.minus(terms.act, terms.grad)
+    return _collect("deflation", found)
+
+
+def _deflated_start(op: Rearranged, found: list[Triplets]) -> Tensor:
+    # Zᵀ applied to an identity-like left vector, less what previous triplets explain.
+    eye = torch.eye(op.stats.d_act, dtype=op.stats.dtype, device=op.stats.device)
+    v = op.rmatvec(eye)
+    return v if torch.linalg.matrix_norm(v) > 0 else torch.randn_like(found[0].right[0])
+
+
+def _collect(method: str, found: list[Triplets]) -> FitResult:
+    t = Triplets(
+        torch.cat([f.sigma for f in found]),
+        torch.cat([f.left for f in found]),
+        torch.cat([f.right for f in found]),
+        sum(f.iterations for f in found),
+        max(f.residual for f in found),
+        all(f.converged for f in found),
+    )
+    info = FitInfo(method, len(found), t.iterations, t.residual, t.converged, singular_values=t.sigma)
+    return FitResult(_psd_first(_terms(t)), info, t.right)
+
+
+@register("lanczos")
+def fit_lanczos(
+    stats: BlockStats,
+    rank: int = 2,
+    init: FitResult | None = None,
+    tol: float = 1e-6,
+    krylov_dim: int | None = None,
+    max_restarts: int = 50,
+) -> FitResult:
+    """Lanczos: the top ``rank`` triplets of ``Z(F)`` by restarted Golub–Kahan–Lanczos."""
+    v0 = _start(stats, init, rank).sum(dim=0)
+    t = lanczos_svd(Rearranged(stats), v0, rank, krylov_dim, tol, max_restarts)
+    info = FitInfo("lanczos", t.sigma.shape[0], t.iterations, t.residual, t.converged, singular_values=t.sigma)
+    return FitResult(_psd_first(_terms(t)), info, t.right)
+
+
+@register("kfac_corrected")
+def fit_kfac_corrected(
+    stats: BlockStats, rank: int = 2, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
+) -> FitResult:
+    """KFAC-corrected: KFAC plus the best rank-``(rank−1)`` correction of ``Z(F) − vec(A)vec(G)ᵀ``.
+
+    The correctors are found by deflated power SVDs of the residual; they may be indefinite.
+    """
+    act, grad = stats.kfac_factors()
+    kfac = KronSum(act, grad)
+    op = Rearranged(stats, kfac.act, kfac.grad)
+    starts = init.warm if init is not None and init.warm is not None else None
+    found: list[Triplets] = []
+    for k in range(rank - 1):
+        v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op, found)
+        t = power_svd(op, v0, tol, max_iter)
+        found.append(t)
+        terms = _terms(t)
+        op = op.minus(terms.act, terms.grad)
+    if not found:
+        return FitResult(kfac, FitInfo("kfac_corrected", 1))
+    corr = _collect("kfac_corrected", found)
+    info = corr.info
+    info.rank = rank
+    return FitResult(kfac + corr.op, info, corr.warm)
+
+
+@register("gram_svd")
+def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
+    """Exact Kronecker SVD of rank ``rank`` from the N × N Gram matrices (no iteration).
+
+    See :meth:`~fisherlab.kron.stats.BlockStats.kronecker_svd`; ``singular_values`` holds the
+    whole Kronecker singular-value profile.
+    """
+    svd = stats.kronecker_svd(rank)
+    r = svd.act.shape[0]
+    t = Triplets(svd.singular_values[:r], svd.act, svd.grad, 0, 0.0, True)
+    info = FitInfo("gram_svd", r, singular_values=svd.singular_values)
+    return FitResult(_psd_first(_terms(t)), info, svd.grad)

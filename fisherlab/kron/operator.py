@@ -1,0 +1,144 @@
+"""Sums of Kronecker products ``F̂ = Σ_j A_j ⊗ G_j`` as linear operators.
+
+``A_j`` (m × m) acts on the activation side, ``G_j`` (n × n) on the gradient side; in
+weight shape ``F̂ vec(X) = vec(Σ_j G_j X A_jᵀ)`` for ``X`` of shape (n, m).
+
+Closed forms used here:
+
+.. math::
+    \\langle A\\otimes G, C\\otimes D\\rangle = \\langle A, C\\rangle\\langle G, D\\rangle,\\qquad
+    \\lambda(A\\otimes G) = \\{\\alpha_i\\gamma_k\\}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse.linalg as spla
+import torch
+from torch import Tensor
+
+from fisherlab.kron.layout import unvec, vec
+from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
+
+#: Sums with ``p`` up to this size get their eigenvalues from a dense eigvalsh.
+DENSE_EIG_LIMIT = 2048
+
+
+class KronSum:
+    """``Σ_j A_j ⊗ G_j`` with factors stacked as ``act`` (r, m, m) and ``grad`` (r, n, n)."""
+
+    def __init__(self, act: Tensor | list[Tensor], grad: Tensor | list[Tensor]):
+        act = torch.stack(list(act)) if not isinstance(act, Tensor) else act
+        grad = torch.stack(list(grad)) if not isinstance(grad, Tensor) else grad
+        if act.ndim == 2:
+            act, grad = act[None], grad[None]
+        if act.ndim != 3 or grad.ndim != 3 or act.shape[0] != grad.shape[0]:
+            raise ValueError(f"need stacked square factors, got {tuple(act.shape)} and {tuple(grad.shape)}")
+        if act.shape[1] != act.shape[2] or grad.shape[1] != grad.shape[2]:
+            raise ValueError("Kronecker factors must be square")
+        self.act = act
+        self.grad = grad
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """Number of Kronecker terms."""
+        return self.act.shape[0]
+
+    @property
+    def d_act(self) -> int:
+        return self.act.shape[1]
+
+    @property
+    def d_grad(self) -> int:
+        return self.grad.shape[1]
+
+    @property
+    def p(self) -> int:
+        return self.d_act * self.d_grad
+
+    @property
+    def terms(self) -> list[tuple[Tensor, Tensor]]:
+        """The ``(A_j, G_j)`` pairs."""
+        return list(zip(self.act, self.grad))
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> KronSum:
+        return KronSum(self.act.to(device=device, dtype=dtype), self.grad.to(device=device, dtype=dtype))
+
+    def __add__(self, other: KronSum) -> KronSum:
+        return KronSum(torch.cat([self.act, other.act]), torch.cat([self.grad, other.grad]))
+
+    def __mul__(self, scale: float) -> KronSum:
+        return KronSum(self.act * scale, self.grad)
+
+    __rmul__ = __mul__
+
+    def symmetrized(self) -> KronSum:
+        """Each factor replaced by its symmetric part (exact symmetry is what eigensolvers assume)."""
+        return KronSum((self.act + self.act.mT) / 2, (self.grad + self.grad.mT) / 2)
+
+    # -- products ------------------------------------------------------------------------
+    def matvec(self, x: Tensor) -> Tensor:
+        """``Σ_j G_j X A_jᵀ`` for ``X`` of shape (..., n, m) (weight shape, bias column 0)."""
+        return torch.einsum("rkl,...li,rji->...kj", self.grad, x, self.act)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """Product with a column-major ``vec`` (length p) or a (p, k) block of them."""
+        if v.ndim == 1:
+            return vec(self.matvec(unvec(v, self.d_grad, self.d_act)))
+        return vec(self.matvec(unvec(v.T, self.d_grad, self.d_act))).T
+
+    def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
+        """The ``p × p`` matrix ``Σ_j kron(A_j, G_j)``."""
+        if self.p**2 > max_entries:
+            raise BlockTooLargeError(
+                f"the dense sum has p² = {self.p**2:,} entries, above max_entries = {max_entries:,}"
+            )
+        return sum(torch.kron(a, g) for a, g in self.terms)
+
+    # -- norms ---------------------------------------------------------------------------
+    def inner(self, other: KronSum) -> Tensor:
+        """``⟨F̂, F̂'⟩_F = Σ_{j,k} ⟨A_j, A'_k⟩ ⟨G_j, G'_k⟩``."""
+        ga = torch.einsum("rij,sij->rs", self.act, other.act)
+        gg = torch.einsum("rij,sij->rs", self.grad, other.grad)
+        return (ga * gg).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        return self.inner(self).clamp_min(0).sqrt()
+
+    # -- spectrum ------------------------------------------------------------------------
+    def eigenvalues(self, k: int | None = None, tol: float = 0.0) -> Tensor:
+        """The ``k`` algebraically largest eigenvalues (all ``p`` when ``k`` is None), descending.
+
+        One term: the exact products ``α_i γ_k``. Several terms: a dense eigvalsh up to
+        :data:`DENSE_EIG_LIMIT`, else the implicitly restarted Lanczos method (ARPACK,
+        ``which="LA"``: largest algebraic, not largest magnitude, so indefinite sums are
+        handled) on the weight-shape product; ``tol`` is ARPACK's relative tolerance (0 means
+        machine precision). Factors are symmetrized first.
+        """
+        sym = self.symmetrized()
+        k = self.p if k is None else min(k, self.p)
+        if self.rank == 1:
+            ea = torch.linalg.eigvalsh(sym.act[0])
+            eg = torch.linalg.eigvalsh(sym.grad[0])
+            return torch.sort((ea[:, None] * eg[None, :]).flatten(), descending=True).values[:k]
+        if self.p <= DENSE_EIG_LIMIT or k >= self.p - 1:
+            return torch.linalg.eigvalsh(sym.to_dense(max_entries=max(self.p**2, 1))).flip(0)[:k]
+        return sym._lanczos_top(k, tol)
+
+    def _lanczos_top(self, k: int, tol: float) -> Tensor:
+        act = self.act.detach().to("cpu", torch.float64)
+        grad = self.grad.detach().to("cpu", torch.float64)
+        op = KronSum(act, grad)
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            return (op @ torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy()
+
+        def mm(v: np.ndarray) -> np.ndarray:
+            return (op @ torch.from_numpy(np.ascontiguousarray(v))).numpy()
+
+        lin = spla.LinearOperator((self.p, self.p), matvec=mv, matmat=mm, dtype=np.float64)
+        # A fixed start vector keeps results reproducible.
+        v0 = np.random.default_rng(0).standard_normal(self.p)
+        vals = spla.eigsh(lin, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        return torch.from_numpy(np.sort(vals)[::-1].copy()).to(self.act.device, self.act.dtype)
