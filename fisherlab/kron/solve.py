@@ -1,0 +1,159 @@
+"""Damped solves ``(F̂ + damping) X = V`` for one- and two-term Kronecker approximations.
+
+All solves work in weight shape: ``V`` and the result have shape (..., n, m), and
+``(A ⊗ G) vec(X) = vec(G X Aᵀ)``.
+
+Where the damping goes (λ is the Tikhonov damping, π = √((tr A / m) / (tr G / n))):
+
+- ``scheme="pi"`` (Martens & Grosse 2015, §6.3): ``(A + π√λ I) ⊗ (G + √λ/π I)``, i.e.
+  ``A ⊗ G + λ I`` plus the cross terms ``√λ (π I ⊗ G + A ⊗ I / π)``.
+- ``scheme="exact"`` (one term only): ``A ⊗ G + λ I`` through the eigendecompositions of
+  ``A`` and ``G``.
+- two terms ``A ⊗ G + C ⊗ D`` (Koroko et al. 2022, §3.4): the π-damping is put on the first
+  (positive semi-definite) term only, ``A_λ ⊗ G_λ + C ⊗ D``. With ``A_λ^{-1/2} C A_λ^{-1/2} =
+  Q₁ S₁ Q₁ᵀ``, ``G_λ^{-1/2} D G_λ^{-1/2} = Q₂ S₂ Q₂ᵀ`` and ``P_i = (·)^{-1/2} Q_i``,
+
+  .. math::
+      (A_λ ⊗ G_λ + C ⊗ D)^{-1} = (P_1 ⊗ P_2)\\,(I + S_1 ⊗ S_2)^{-1}\\,(P_1 ⊗ P_2)^\\top.
+
+  A correction may be indefinite: where ``1 + s₁s₂ ≤ floor`` the damped sum is not safely
+  positive definite along that (whitened) direction. ``indefinite="clip"`` (default) raises
+  those curvatures to ``floor``: the step along such a direction is at most ``1/floor``
+  times the step of the damped first term alone; ``"drop"`` ignores the correction
+  everywhere; ``"raise"`` raises :class:`IndefiniteError`. The number of clipped
+  curvatures is reported in ``clipped``. Absolute values are never taken.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fisherlab.kron.operator import KronSum
+
+SCHEMES = ("pi", "exact")
+INDEFINITE_REMEDIES = ("clip", "drop", "raise")
+
+
+class FactorizationError(RuntimeError):
+    """An eigendecomposition failed even in float64, or a damped factor is not positive definite."""
+
+
+class IndefiniteError(FactorizationError):
+    """The damped two-term sum is not positive definite and ``indefinite="raise"`` was asked."""
+
+
+def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part, retried in float64 when it fails to converge.
+
+    Dead ReLU units give factors with zero rows and columns, on which LAPACK's eigh can fail
+    in float32.
+    """
+    sym = (matrix + matrix.mT) / 2
+    try:
+        return torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        lam, q = torch.linalg.eigh(sym.double())
+    except torch.linalg.LinAlgError as exc:
+        raise FactorizationError(f"eigh failed on a {tuple(sym.shape)} factor even in float64") from exc
+    return lam.to(sym.dtype), q.to(sym.dtype)
+
+
+def pi_factor(act: Tensor, grad: Tensor) -> float:
+    """π = √((tr A / m) / (tr G / n)) (1 when either trace is not positive)."""
+    ta = float(torch.trace(act)) / act.shape[-1]
+    tg = float(torch.trace(grad)) / grad.shape[-1]
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+
+
+def _inv_sqrt(matrix: Tensor, what: str) -> Tensor:
+    lam, q = safe_eigh(matrix)
+    if lam.min() <= 0:
+        raise FactorizationError(f"the damped {what} factor is not positive definite (min eigenvalue {float(lam.min()):.3g})")
+    return (q * lam.rsqrt()) @ q.mT
+
+
+class DampedInverse:
+    """``(F̂ + damping)⁻¹`` in factored form: ``X ↦ P₂ [(P₂ᵀ V P₁) / D] P₁ᵀ``.
+
+    Attributes:
+        left: ``P₂`` (n × n), gradient side.
+        right: ``P₁`` (m × m), activation side.
+        denom: ``D`` (n × m), the (clipped) curvatures in the factored basis.
+        clipped: how many curvatures the indefinite remedy changed.
+    """
+
+    def __init__(self, left: Tensor, right: Tensor, denom: Tensor, clipped: int = 0):
+        self.left, self.right, self.denom, self.clipped = left, right, denom, clipped
+
+    def solve(self, v: Tensor) -> Tensor:
+        """``(F̂ + damping)⁻¹ vec(V)`` in weight shape, ``V`` of shape (..., n, m)."""
+        y = self.left.mT @ v @ self.right
+        return self.left @ (y / self.denom) @ self.right.mT
+
+
+def damped_inverse(
+    op: KronSum,
+    damping: float,  # λ in the paper
+    scheme: str = "pi",
+    indefinite: str = "clip",
+    floor: float = 0.1,
+) -> DampedInverse:
+    """Factor ``(F̂ + damping)`` once for repeated solves (see the module docstring).
+
+    Args:
+        op: one term (KFAC, KPSVD) or two terms (Deflation, Lanczos, KFAC-corrected); the
+            first term must be positive semi-definite.
+        damping: λ ≥ 0.
+        scheme: ``"pi"`` or ``"exact"`` (one term only).
+        indefinite: remedy for two-term sums that are not positive definite.
+        floor: smallest curvature kept by ``indefinite="clip"``, in (0, 1].
+
+    Raises:
+        ValueError: invalid arguments.
+        FactorizationError: a damped first-term factor is not positive definite.
+        IndefiniteError: with ``indefinite="raise"``, when the sum is not positive definite.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown damping scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if indefinite not in INDEFINITE_REMEDIES:
+        raise ValueError(f"unknown indefinite remedy {indefinite!r}; choose from {', '.join(INDEFINITE_REMEDIES)}")
+    if not damping >= 0:
+        raise ValueError(f"damping must be nonnegative, got {damping}")
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1], got {floor}")
+    if op.rank > 2:
+        raise ValueError(f"closed-form solves exist for one or two Kronecker terms, got {op.rank}")
+    act, grad = op.act[0], op.grad[0]
+    m, n = op.d_act, op.d_grad
+    if scheme == "exact":
+        if op.rank != 1:
+            raise ValueError("scheme='exact' damps A ⊗ G + λI, which needs a single term")
+        la, qa = safe_eigh(act)
+        lg, qg = safe_eigh(grad)
+        denom = lg[:, None] * la[None, :] + damping
+        if denom.min() <= 0:
+            raise FactorizationError(f"A ⊗ G + λI is not positive definite (min eigenvalue {float(denom.min()):.3g})")
+        return DampedInverse(qg, qa, denom)
+    pi = pi_factor(act, grad)
+    root = math.sqrt(damping)
+    eye_a = torch.eye(m, dtype=act.dtype, device=act.device)
+    eye_g = torch.eye(n, dtype=grad.dtype, device=grad.device)
+    inv_a = _inv_sqrt(act + pi * root * eye_a, "activation")
+    inv_g = _inv_sqrt(grad + root / pi * eye_g, "gradient")
+    if op.rank == 1 or indefinite == "drop":
+        return DampedInverse(inv_g, inv_a, torch.ones(n, m, dtype=act.dtype, device=act.device))
+    s1, q1 = safe_eigh(inv_a @ op.act[1] @ inv_a)
+    s2, q2 = safe_eigh(inv_g @ op.grad[1] @ inv_g)
+    denom = 1 + s2[:, None] * s1[None, :]
+    low = denom < floor
+    clipped = int(low.sum())
+    if clipped and indefinite == "raise":
+        raise IndefiniteError(
+            f"the damped two-term sum has {clipped} curvatures below {floor} (min {float(denom.min()):.3g})"
+        )
+    return DampedInverse(inv_g @ q2, inv_a @ q1, torch.where(low, torch.full_like(denom, floor), denom), clipped)

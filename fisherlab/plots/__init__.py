@@ -1,0 +1,1 @@
+"""Figures (matplotlib only): analysis of run files and training histories."""

@@ -1,0 +1,55 @@
+"""Fixed colours, markers and display names, so a method looks the same in every figure."""
+
+from __future__ import annotations
+
+#: Display names of the approximations and optimizers.
+LABELS = {
+    "kfac": "KFAC",
+    "kpsvd": "KPSVD",
+    "deflation": "Deflation",
+    "lanczos": "Lanczos",
+    "kfac_corrected": "KFAC-corrected",
+    "gram_svd": "Exact Kronecker SVD",
+    "sgd": "SGD",
+    "adam": "Adam",
+    "fisher": "exact F",
+}
+
+#: Colour-blind-safe palette (Okabe–Ito), fixed per name.
+COLORS = {
+    "kfac": "#000000",
+    "kpsvd": "#E69F00",
+    "deflation": "#0072B2",
+    "lanczos": "#009E73",
+    "kfac_corrected": "#D55E00",
+    "gram_svd": "#CC79A7",
+    "sgd": "#999999",
+    "adam": "#56B4E9",
+    "fisher": "#7F7F7F",
+}
+
+MARKERS = {
+    "kfac": "o",
+    "kpsvd": "s",
+    "deflation": "^",
+    "lanczos": "v",
+    "kfac_corrected": "D",
+    "gram_svd": "x",
+    "sgd": ".",
+    "adam": "+",
+    "fisher": "",
+}
+
+
+def label(name: str) -> str:
+    """Display name of a method or optimizer (the name itself when unknown)."""
+    return LABELS.get(name, name)
+
+
+def color(name: str) -> str | None:
+    """Fixed colour of a method (None lets matplotlib choose for unknown names)."""
+    return COLORS.get(name)
+
+
+def marker(name: str) -> str:
+    return MARKERS.get(name, "")
