@@ -128,6 +128,11 @@ def _start(stats: BlockStats, init: FitResult | None, rank: int) -> Tensor:
     return stats.kfac_factors()[1][None]
 
 
+def _negligible(stats: BlockStats) -> float:
+    # Singular values below this are rounding noise of ‖Z(F)‖_F = ‖F‖_F.
+    return float(1e3 * torch.finfo(stats.dtype).eps * stats.frobenius_norm())
+
+
 def _check_rank(method: str, rank: int, allowed: int) -> None:
     if rank != allowed:
         raise ValueError(f"{method} has rank {allowed} by definition, got rank={rank}")
@@ -147,7 +152,7 @@ def fit_kpsvd(
 ) -> FitResult:
     """KPSVD: the nearest Kronecker product ``σ R ⊗ S`` by the power SVD of ``Z(F)`` (rank 1)."""
     _check_rank("kpsvd", rank, 1)
-    t = power_svd(Rearranged(stats), _start(stats, init, 1)[0], tol, max_iter)
+    t = power_svd(Rearranged(stats), _start(stats, init, 1)[0], tol, max_iter, _negligible(stats))
     info = FitInfo("kpsvd", 1, t.iterations, t.residual, t.converged, singular_values=t.sigma)
     return FitResult(_psd_first(_terms(t)), info, t.right)
 
@@ -162,7 +167,7 @@ def fit_deflation(
     found: list[Triplets] = []
     for k in range(rank):
         v0 = starts[k] if k < starts.shape[0] else _deflated_start(op, found)
-        t = power_svd(op, v0, tol, max_iter)
+        t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
         terms = _terms(t)
         op = op.minus(terms.act, terms.grad)
@@ -220,7 +225,7 @@ def fit_kfac_corrected(
     found: list[Triplets] = []
     for k in range(rank - 1):
         v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op, found)
-        t = power_svd(op, v0, tol, max_iter)
+        t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
         terms = _terms(t)
         op = op.minus(terms.act, terms.grad)

@@ -60,26 +60,36 @@ class Triplets:
     converged: bool
 
 
+def _floor_tol(tol: float, dtype: torch.dtype) -> float:
+    # Residuals below a few dozen ulps are rounding noise: asking for less never converges.
+    return max(tol, 50 * torch.finfo(dtype).eps)
+
+
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
     norm = torch.linalg.matrix_norm(x)
     return (x / norm if norm > 0 else x), norm
 
 
-def power_svd(op, v0: Tensor, tol: float = 1e-6, max_iter: int = 200) -> Triplets:
+def power_svd(op, v0: Tensor, tol: float = 1e-6, max_iter: int = 200, negligible: float = 0.0) -> Triplets:
     """Top singular triplet by alternating power iterations (appendix B.1).
 
     Each sweep is ``u ← Z v / ‖Z v‖``, ``v ← Zᵀ u / ‖Zᵀ u‖``; with ``σ = ‖Z v‖`` it stops when
     ``‖Zᵀ u − σ v‖ ≤ tol σ``. Starting from a PSD ``v0`` keeps every iterate PSD when ``op`` is
     the plain ``Z(F)`` (the weights ``a_nᵀ U a_n`` are then nonnegative).
+
+    Args:
+        negligible: a σ at or below this is rounding noise (a deflated operator that is
+            numerically zero): the triplet is returned with σ = 0 at once.
     """
+    tol = _floor_tol(tol, v0.dtype)
     v, _ = _unit(v0)
     residual = float("inf")
     u = sigma = None
     for it in range(1, max_iter + 1):
         u, sigma_v = _unit(op.matvec(v))
         w = op.rmatvec(u)
-        if sigma_v == 0:  # Z v = 0: nothing left to find (e.g. a deflated rank-1 block)
-            return Triplets(sigma_v.reshape(1), u[None] * 0, v[None], it, 0.0, True)
+        if sigma_v <= negligible:  # nothing left to find (e.g. a deflated rank-1 block)
+            return Triplets(torch.zeros_like(sigma_v).reshape(1), u[None] * 0, v[None], it, 0.0, True)
         residual = float(torch.linalg.matrix_norm(w - sigma_v * v) / sigma_v)
         v, sigma = _unit(w)
         if residual <= tol:
@@ -111,6 +121,8 @@ def lanczos_svd(
         krylov_dim: K, the largest basis size before a restart (default ``max(2 rank + 4, 8)``).
     """
     kdim = max(2 * rank + 4, 8) if krylov_dim is None else krylov_dim
+    tol = _floor_tol(tol, v0.dtype)
+    breakdown = 1e3 * torch.finfo(v0.dtype).eps
     if kdim <= rank:
         raise ValueError(f"krylov_dim ({kdim}) must exceed rank ({rank})")
     v_basis = [_unit(v0)[0]]
@@ -124,13 +136,13 @@ def lanczos_svd(
             zv.append(op.matvec(v_basis[len(zv)]))
             iterations += 1
             u, norm = _unit(_orthogonalize(zv[-1], u_basis))
-            if norm <= 1e-13 * torch.linalg.matrix_norm(zv[-1]) or norm == 0:
+            if norm <= breakdown * torch.linalg.matrix_norm(zv[-1]) or norm == 0:
                 exhausted = True  # Z V is spanned by U already: the subspace is invariant
                 break
             u_basis.append(u)
             ztu.append(op.rmatvec(u))
             w, norm = _unit(_orthogonalize(ztu[-1], v_basis))
-            if norm <= 1e-13 * torch.linalg.matrix_norm(ztu[-1]) or norm == 0:
+            if norm <= breakdown * torch.linalg.matrix_norm(ztu[-1]) or norm == 0:
                 exhausted = True
                 break
             v_basis.append(w)

@@ -1,0 +1,167 @@
+import pytest
+import torch
+
+from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
+from fisherlab.kron.fitters import options_of
+from fisherlab.kron.layout import rearrange, unvec, vec
+
+from .conftest import CASES, _random, cuda
+
+TIGHT = 1e-12
+
+
+def _fit(method, stats, rank=None, **opts):
+    if "tol" in options_of(method):
+        opts.setdefault("tol", TIGHT)
+    if "max_iter" in options_of(method):
+        opts.setdefault("max_iter", 5000)
+    return fit(method, stats, rank=rank, **opts)
+
+
+def _best_rank(stats, rank):
+    """Best rank-``rank`` Kronecker approximation from a dense SVD of Z(F), as a dense matrix."""
+    m, n = stats.d_act, stats.d_grad
+    u, s, vt = torch.linalg.svd(rearrange(stats.to_dense(), m, n))
+    return sum(s[k] * torch.kron(unvec(u[:, k], m, m), unvec(vt[k], n, n)) for k in range(rank)), s
+
+
+def _has_gap(s, rank):
+    return s[rank - 1] - s[rank] > 1e-3 * s[0]
+
+
+@pytest.mark.parametrize("method,rank", [("kpsvd", 1), ("deflation", 1), ("deflation", 2), ("deflation", 3),
+                                         ("lanczos", 1), ("lanczos", 2), ("lanczos", 3),
+                                         ("gram_svd", 1), ("gram_svd", 2), ("gram_svd", 3)])
+def test_svd_methods_match_the_dense_svd_of_z(stats, method, rank):
+    best, s = _best_rank(stats, rank)
+    if not _has_gap(s, rank):
+        pytest.skip("no singular gap: the best approximation is not unique")
+    result = _fit(method, stats, rank)
+    assert result.info.converged
+    ours = result.op.to_dense()
+    assert torch.linalg.matrix_norm(ours - best) <= 1e-8 * torch.linalg.matrix_norm(best)
+    assert torch.allclose(result.info.singular_values[:rank], s[:rank], rtol=1e-8)
+
+
+def test_iterative_methods_match_the_exact_gram_svd(stats):
+    exact = fit("gram_svd", stats, rank=2).op.to_dense()
+    _, s = _best_rank(stats, 2)
+    if not _has_gap(s, 2):
+        pytest.skip("no singular gap")
+    for method in ("deflation", "lanczos"):
+        ours = _fit(method, stats, 2).op.to_dense()
+        assert torch.linalg.matrix_norm(ours - exact) <= 1e-8 * torch.linalg.matrix_norm(exact), method
+
+
+def test_kfac_corrected_is_kfac_plus_the_best_rank_one_correction(stats):
+    m, n = stats.d_act, stats.d_grad
+    act, grad = stats.kfac_factors()
+    kfac = torch.kron(act, grad)
+    u, s, vt = torch.linalg.svd(rearrange(stats.to_dense() - kfac, m, n))
+    if s[0] - s[1] < 1e-3 * s[0]:
+        pytest.skip("no singular gap")
+    ref = kfac + s[0] * torch.kron(unvec(u[:, 0], m, m), unvec(vt[0], n, n))
+    ours = _fit("kfac_corrected", stats).op.to_dense()
+    assert torch.linalg.matrix_norm(ours - ref) <= 1e-8 * torch.linalg.matrix_norm(ref)
+
+
+def test_optimality_orderings(stats):
+    dense = stats.to_dense()
+    e = {m: dense_error1(dense, _fit(m, stats).op.to_dense()) for m in METHODS}
+    slack = 1e-10
+    assert e["kpsvd"] <= e["kfac"] + slack
+    assert e["deflation"] <= e["kpsvd"] + slack
+    assert e["lanczos"] <= e["kpsvd"] + slack
+    assert e["gram_svd"] <= e["kpsvd"] + slack
+    assert e["kfac_corrected"] <= e["kfac"] + slack
+
+
+def test_every_method_is_exact_when_kfac_is(exact_stats):
+    dense = exact_stats.to_dense()
+    for method in METHODS:
+        approx = _fit(method, exact_stats).op.to_dense()
+        assert torch.linalg.matrix_norm(approx - dense) <= 1e-10 * torch.linalg.matrix_norm(dense), method
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_first_term_is_symmetric_positive_semidefinite(stats, method):
+    op = _fit(method, stats).op
+    for factor in (op.act[0], op.grad[0]):
+        assert torch.equal(factor, factor.T)
+        lam = torch.linalg.eigvalsh(factor)
+        assert lam.min() >= -1e-10 * lam.max()
+
+
+@pytest.mark.parametrize("method", ["deflation", "lanczos", "gram_svd"])
+def test_second_term_is_orthogonal_to_the_first(stats, method):
+    op = _fit(method, stats).op
+    act = op.act / torch.linalg.matrix_norm(op.act)[:, None, None]
+    grad = op.grad / torch.linalg.matrix_norm(op.grad)[:, None, None]
+    assert abs(float((act[0] * act[1]).sum() * (grad[0] * grad[1]).sum())) <= 1e-8
+
+
+def test_relative_tolerance_converges_on_tiny_blocks():
+    # Entries of order 1e-8: an absolute tolerance of 1e-6 would stop after one sweep.
+    stats = CASES["dead_units"]()
+    tiny = BlockStats(stats.a * 1e-2, stats.g * 1e-2)
+    ref = fit("gram_svd", tiny, rank=2).op.to_dense()
+    ours = fit("deflation", tiny, tol=1e-10, max_iter=5000)
+    assert ours.info.iterations > 2
+    assert torch.linalg.matrix_norm(ours.op.to_dense() - ref) <= 1e-6 * torch.linalg.matrix_norm(ref)
+
+
+@pytest.mark.parametrize("method", ["kpsvd", "deflation", "lanczos", "kfac_corrected"])
+def test_warm_start_saves_iterations(method):
+    base = _random(8, 60, 10, 8)  # Z(F) of 121 × 64: Lanczos does not exhaust it at once
+    gen = torch.Generator().manual_seed(9)
+    nearby = BlockStats(base.a, base.g * (1 + 1e-3 * torch.randn(base.g.shape, generator=gen, dtype=torch.float64)))
+    first = _fit(method, base)
+    cold = _fit(method, nearby)
+    warm = _fit(method, nearby, init=first)
+    assert warm.info.iterations < cold.info.iterations
+    assert torch.allclose(warm.op.to_dense(), cold.op.to_dense(), atol=1e-7 * torch.linalg.matrix_norm(cold.op.to_dense()))
+
+
+def test_unknown_method_rank_and_option_are_rejected():
+    stats = CASES["random"]()
+    with pytest.raises(ValueError, match="kfac, kpsvd"):
+        fit("kfca", stats)
+    with pytest.raises(ValueError, match="rank 1 by definition"):
+        fit("kpsvd", stats, rank=2)
+    with pytest.raises(ValueError, match="takes no option"):
+        fit("kfac", stats, tol=1e-3)
+    with pytest.raises(ValueError, match="at least 1"):
+        fit("deflation", stats, rank=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_float32_fits_agree_with_float64(method):
+    stats = CASES["network"]()
+    ref = fit(method, stats).op.to_dense()
+    ours = fit(method, stats.to(torch.float32)).op
+    assert ours.act.dtype == torch.float32
+    assert torch.linalg.matrix_norm(ours.to_dense().double() - ref) <= 1e-4 * torch.linalg.matrix_norm(ref)
+
+
+@cuda
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_fits_agree_with_cpu(method):
+    stats = CASES["network"]()
+    ref = fit(method, stats).op.to_dense()
+    ours = fit(method, stats.to(device="cuda")).op.to("cpu").to_dense()
+    assert torch.linalg.matrix_norm(ours - ref) <= 1e-8 * torch.linalg.matrix_norm(ref)
+
+
+def test_kronsum_algebra():
+    gen = torch.Generator().manual_seed(3)
+    act = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, 2, 2, generator=gen, dtype=torch.float64)
+    op, other = KronSum(act, grad), KronSum(act[:1] * 2, grad[:1])
+    dense, dense_other = op.to_dense(), other.to_dense()
+    assert torch.allclose(op.inner(other), (dense * dense_other).sum(), rtol=1e-12)
+    assert torch.allclose(op.frobenius_norm(), torch.linalg.matrix_norm(dense), rtol=1e-12)
+    assert torch.allclose((op + other).to_dense(), dense + dense_other, rtol=1e-12)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    assert torch.allclose(op @ x, dense @ x, rtol=1e-12)
+    assert torch.allclose(op @ x[:, 0], dense @ x[:, 0], rtol=1e-12)
+    assert torch.allclose(vec(op.matvec(unvec(x[:, 0], 2, 3))), dense @ x[:, 0], rtol=1e-12)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import fisherlab.kron.operator as operator_module
+from fisherlab.kron import METHODS, KronSum, dense_error1, dense_error2, error1, error2, fit
+
+from .conftest import CASES
+
+
+def _relclose(x: float, ref: float, rtol: float = 1e-8) -> bool:
+    return abs(x - ref) <= rtol * abs(ref)
+
+
+@pytest.fixture(params=["dense", "lanczos"])
+def eig_path(request, monkeypatch):
+    """Run once with the dense eigvalsh of F̂ and once with the iterative top-k path."""
+    if request.param == "lanczos":
+        monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    return request.param
+
+
+def _indefinite(stats):
+    act, grad = stats.kfac_factors()
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(act.shape, generator=gen, dtype=act.dtype)
+    d = torch.randn(grad.shape, generator=gen, dtype=grad.dtype)
+    return KronSum(torch.stack([act, 0.3 * (c + c.T)]), torch.stack([grad, -(d + d.T) * grad.norm()]))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS) + ["indefinite"])
+def test_matrix_free_errors_equal_dense_errors(stats, method, eig_path):
+    approx = _indefinite(stats) if method == "indefinite" else fit(method, stats).op
+    dense, dense_hat = stats.to_dense(), approx.to_dense()
+    e1, e2 = error1(stats, approx), error2(stats, approx)
+    d1, d2 = dense_error1(dense, dense_hat), dense_error2(dense, dense_hat)
+    if d1 > 1e-6:  # below that the matrix-free E1 is limited by cancellation (documented)
+        assert _relclose(e1, d1), (e1, d1)
+    assert _relclose(e2, d2) or abs(e2 - d2) <= 1e-8, (e2, d2)
+    assert e2 <= e1 + 1e-12  # Hoffman–Wielandt
+
+
+def test_indefinite_sum_has_negative_eigenvalues_that_error2_keeps(stats):
+    approx = _indefinite(stats)
+    lam = torch.linalg.eigvalsh(approx.to_dense())
+    assert lam.min() < 0
+    # Singular values instead of eigenvalues would give a different (wrong) Error 2.
+    dense = stats.to_dense()
+    sv = torch.linalg.svdvals(approx.to_dense())
+    lam_f = torch.linalg.eigvalsh(dense).flip(0)
+    wrong = float(torch.linalg.vector_norm(lam_f - sv) / torch.linalg.vector_norm(lam_f))
+    assert abs(error2(stats, approx) - wrong) > 1e-6
+
+
+def test_kronsum_eigenvalues_match_dense(eig_path):
+    stats = CASES["network"]()
+    for method in ("kfac", "deflation", "kfac_corrected"):
+        op = fit(method, stats).op
+        lam = torch.linalg.eigvalsh(op.to_dense()).flip(0)
+        k = 7
+        assert torch.allclose(op.eigenvalues(k), lam[:k], atol=1e-12 * lam[0]), method
+    assert torch.allclose(fit("kfac", stats).op.eigenvalues(), torch.linalg.eigvalsh(fit("kfac", stats).op.to_dense()).flip(0), atol=1e-14)
+
+
+def test_errors_of_the_exact_block_are_zero(exact_stats):
+    approx = fit("kfac", exact_stats).op
+    assert dense_error1(exact_stats.to_dense(), approx.to_dense()) <= 1e-12
+    assert error2(exact_stats, approx) <= 1e-7
