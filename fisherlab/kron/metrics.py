@@ -16,6 +16,8 @@ The matrix-free E1 loses digits to cancellation when E1 is below about 1e-7 (flo
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
@@ -23,26 +25,48 @@ from fisherlab.kron.operator import KronSum
 from fisherlab.kron.stats import BlockStats
 
 
+class ExactReference:
+    """What the errors need of ``F``, computed once and shared by every approximation.
+
+    Attributes:
+        norm2: ``‖F‖²_F`` from the Gram identity.
+        eigenvalues: the top ``min(N, p)`` eigenvalues of F, descending.
+    """
+
+    def __init__(self, stats: BlockStats):
+        self.stats = stats
+        self.norm2 = stats.frobenius_norm() ** 2
+
+    @cached_property
+    def eigenvalues(self) -> Tensor:
+        return self.stats.eigenvalues()
+
+    def error1(self, approx: KronSum) -> float:
+        """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``."""
+        cross = self.stats.quadratic_forms(approx.act, approx.grad).mean(dim=1).sum()
+        diff2 = self.norm2 - 2 * cross + approx.inner(approx)
+        return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt())
+
+    def error2(self, approx: KronSum, tol: float = 0.0) -> tuple[float, Tensor]:
+        """Relative spectral error and the top ``min(N, p)`` eigenvalues of ``F̂`` it used.
+
+        Args:
+            tol: relative tolerance of the iterative eigensolver for large multi-term ``F̂``.
+        """
+        approx = approx.symmetrized()
+        lam_hat = approx.eigenvalues(k=self.eigenvalues.shape[0], tol=tol)
+        diff2 = self.norm2 + approx.inner(approx) - 2 * (self.eigenvalues * lam_hat).sum()
+        return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt()), lam_hat
+
+
 def error1(stats: BlockStats, approx: KronSum) -> float:
     """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``, matrix-free."""
-    norm_f2 = stats.frobenius_norm() ** 2
-    cross = stats.quadratic_forms(approx.act, approx.grad).mean(dim=1).sum()
-    diff2 = norm_f2 - 2 * cross + approx.inner(approx)
-    return float(diff2.clamp_min(0).sqrt() / norm_f2.sqrt())
+    return ExactReference(stats).error1(approx)
 
 
 def error2(stats: BlockStats, approx: KronSum, tol: float = 0.0) -> float:
-    """Relative spectral error ``‖λ(F) − λ(F̂)‖₂ / ‖λ(F)‖₂``, matrix-free.
-
-    Args:
-        tol: relative tolerance of the iterative eigensolver for large multi-term ``F̂``.
-    """
-    lam_f = stats.eigenvalues()
-    approx = approx.symmetrized()
-    lam_hat = approx.eigenvalues(k=lam_f.shape[0], tol=tol)
-    norm_f2 = stats.frobenius_norm() ** 2
-    diff2 = norm_f2 + approx.inner(approx) - 2 * (lam_f * lam_hat).sum()
-    return float(diff2.clamp_min(0).sqrt() / norm_f2.sqrt())
+    """Relative spectral error ``‖λ(F) − λ(F̂)‖₂ / ‖λ(F)‖₂``, matrix-free."""
+    return ExactReference(stats).error2(approx, tol)[0]
 
 
 def dense_error1(block: Tensor, approx_dense: Tensor) -> float:
