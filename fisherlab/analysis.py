@@ -1,0 +1,248 @@
+"""Fit every Kronecker approximation on every recorded step and layer of a run file.
+
+For each completed step and layer the analysis stores, in the run file under
+``/analysis/<step>/layer<i>/<method>`` (DESIGN.md §4), Error 1 and Error 2 (matrix-free,
+:class:`~fisherlab.kron.ExactReference`), the fit's seconds, iterations and residual, the
+Kronecker singular values of the fitted terms and the top ``min(N, p)`` eigenvalues of the
+approximation; under the pseudo-method :data:`EXACT` it stores ``‖F‖_F``, the top eigenvalues
+of ``F`` and its whole Kronecker singular-value profile. Each result is written as it is
+finished, so a killed analysis loses only the one in progress and a rerun skips what is done.
+``errors.csv`` is then rebuilt from the file (one row per step, layer and method).
+
+The iterative methods (kpsvd, deflation, lanczos, kfac_corrected) are warm-started from the
+previous recorded step of the same layer, as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fisherlab.errors import UserInputError
+from fisherlab.kron import DEFAULT_RANK, METHODS, ExactReference, FitResult, fit
+from fisherlab.kron.fitters import options_of
+from fisherlab.store import RunReader
+
+#: Methods of the paper, in its order, then the exact Kronecker SVD.
+DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "gram_svd")
+#: Pseudo-method under which the exact block's own spectrum and profile are stored.
+EXACT = "exact_block"
+#: Columns of ``errors.csv`` (DESIGN.md §4 plus diagnostics).
+COLUMNS = (
+    "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
+    "residual", "converged", "warm_started", "error_seconds",
+)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def resolve_methods(methods: Iterable[str] | None) -> list[str]:
+    """Validate method names (None means :data:`DEFAULT_METHODS`)."""
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserInputError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _rank_for(method: str, rank: int | None) -> int:
+    # kfac and kpsvd are rank 1 by definition; --rank applies to the others.
+    return DEFAULT_RANK[method] if rank is None or method in ("kfac", "kpsvd") else rank
+
+
+def analyze(
+    run: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    methods: Iterable[str] | None = None,
+    rank: int | None = None,
+    layers: Iterable[int] | None = None,
+    dtype: str = "float64",
+    device: str = "cpu",
+    warm_start: bool = True,
+    tol: float = 1e-6,
+    progress: bool = True,
+) -> Path:
+    """Analyze a run file; returns the path of the ``errors.csv`` written into ``out_dir``.
+
+    Args:
+        run: the HDF5 run file written by ``fisherlab record``.
+        out_dir: where ``errors.csv`` goes (default: beside the run file).
+        methods: names from the registry (default :data:`DEFAULT_METHODS`).
+        rank: number of Kronecker terms for the methods that take one (default: the paper's).
+        layers: 1-based layer indices (default: every recorded layer).
+        dtype: ``"float64"`` (default) or ``"float32"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        warm_start: start the iterative methods from the previous step's singular vectors.
+        tol: relative residual tolerance of the power and Lanczos iterations.
+        progress: show a progress bar over steps × layers.
+
+    Raises:
+        UserInputError: a missing or foreign run file, an unknown method, a layer that was
+            not recorded, an invalid rank, dtype or device.
+    """
+    methods = resolve_methods(methods)
+    if rank is not None and rank < 1:
+        raise UserInputError(f"rank must be a positive integer, got {rank}")
+    if dtype not in DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was asked for but no CUDA device is available")
+    out_dir = Path(run).parent if out_dir is None else Path(out_dir)
+    with RunReader(run, mode="a") as reader:
+        layers = list(reader.layers) if layers is None else list(layers)
+        missing = [i for i in layers if i not in reader.layers]
+        if missing:
+            raise UserInputError(f"layer {missing[0]} was not recorded in {run} (layers: {list(reader.layers)})")
+        steps = reader.steps()
+        if not steps:
+            raise UserInputError(f"{run} holds no completed step to analyze")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _Analysis(reader, methods, rank, DTYPES[dtype], device, warm_start, tol).run(steps, layers, progress)
+        return write_table(reader, out_dir / "errors.csv")
+
+
+@dataclass
+class _Analysis:
+    reader: RunReader
+    methods: list[str]
+    rank: int | None
+    dtype: torch.dtype
+    device: str
+    warm_start: bool
+    tol: float
+
+    def run(self, steps: list[int], layers: list[int], progress: bool) -> None:
+        previous: dict[tuple[int, str], FitResult] = {}
+        bar = tqdm(total=len(steps) * len(layers), desc="analyze", unit="block", disable=not progress)
+        for step in steps:
+            for layer in layers:
+                bar.set_postfix(step=step, layer=layer)
+                self._block(step, layer, previous)
+                bar.update()
+        bar.close()
+
+    def _block(self, step: int, layer: int, previous: dict) -> None:
+        todo = [m for m in self.methods if not self.reader.analysis_done(step, layer, m)]
+        need_exact = not self.reader.analysis_done(step, layer, EXACT)
+        if not todo and not need_exact:
+            return
+        stats = self.reader.stats(step, layer, self.dtype, self.device)
+        ref = ExactReference(stats)
+        if need_exact:
+            profile = stats.kronecker_svd(rank=0).singular_values
+            self.reader.write_analysis(
+                step, layer, EXACT,
+                {"eigenvalues": ref.eigenvalues, "kron_singular_values": profile},
+                {"frobenius_norm": float(ref.norm2.sqrt()), "n_samples": stats.n_samples, "p": stats.p},
+            )
+        for method in todo:
+            init = previous.get((layer, method)) if self.warm_start else None
+            options = {"tol": self.tol} if "tol" in options_of(method) else {}
+            result = fit(method, stats, rank=_rank_for(method, self.rank), init=init, **options)
+            previous[(layer, method)] = result
+            start = time.perf_counter()
+            e1 = ref.error1(result.op)
+            e2, lam_hat = ref.error2(result.op)
+            info = result.info
+            self.reader.write_analysis(
+                step, layer, method,
+                {"eigenvalues": lam_hat, "singular_values": info.singular_values},
+                {
+                    "error1": e1, "error2": e2, "seconds": info.seconds, "iterations": info.iterations,
+                    "residual": info.residual, "converged": bool(info.converged), "rank": result.op.rank,
+                    "warm_started": init is not None and method not in ("kfac", "gram_svd"),
+                    "error_seconds": time.perf_counter() - start,
+                },
+            )
+
+
+def write_table(reader: RunReader, path: Path) -> Path:
+    """Rebuild ``errors.csv`` from every complete result in the run file (atomic replace)."""
+    rows = results_table(reader)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def results_table(reader: RunReader) -> list[dict]:
+    """One dict per (step, layer, method) result, with the columns of :data:`COLUMNS`."""
+    rows = []
+    epochs = {}
+    for step, layer, method in reader.analysis_keys():
+        if method == EXACT:
+            continue
+        if step not in epochs:
+            epochs[step] = reader.step_attrs(step)["epoch"]
+        _, attrs = reader.read_analysis(step, layer, method)
+        rows.append({"step": step, "epoch": epochs[step], "layer": layer, "method": method} | {
+            k: attrs[k] for k in COLUMNS if k in attrs
+        })
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (r["step"], r["layer"], order.get(r["method"], len(order))))
+
+
+@dataclass
+class Results:
+    """An analyzed run, read back for plotting.
+
+    Attributes:
+        config: the run's recording configuration.
+        rows: :func:`results_table`.
+    """
+
+    path: Path
+    config: dict
+    rows: list[dict]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({r["layer"] for r in self.rows})
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({r["step"] for r in self.rows})
+
+    @property
+    def methods(self) -> list[str]:
+        seen = {r["method"] for r in self.rows}
+        return [m for m in METHODS if m in seen]
+
+    def spectra(self, step: int, layer: int) -> dict[str, np.ndarray]:
+        """Top eigenvalues of F (key :data:`EXACT`) and of each approximation at one step."""
+        with RunReader(self.path) as reader:
+            keys = [k for k in reader.analysis_keys() if k[:2] == (step, layer)]
+            if not keys:
+                raise UserInputError(f"no analysis of step {step}, layer {layer} in {self.path}")
+            return {method: reader.read_analysis(step, layer, method)[0]["eigenvalues"] for _, _, method in keys}
+
+    def profiles(self, layer: int) -> tuple[list[int], list[np.ndarray]]:
+        """The Kronecker singular-value profile of layer ``layer``'s block at every step."""
+        with RunReader(self.path) as reader:
+            steps = [s for s, l, m in reader.analysis_keys() if l == layer and m == EXACT]
+            if not steps:
+                raise UserInputError(f"no analysis of layer {layer} in {self.path}")
+            return steps, [reader.read_analysis(s, layer, EXACT)[0]["kron_singular_values"] for s in steps]
+
+
+def load_results(run: str | os.PathLike) -> Results:
+    """Read an analyzed run file.
+
+    Raises:
+        UserInputError: the file is missing, foreign, or holds no analysis.
+    """
+    with RunReader(run) as reader:
+        rows = results_table(reader)
+        if not rows:
+            raise UserInputError(f"{run} holds no analysis yet; run `fisherlab analyze {run}` first")
+        return Results(Path(run), reader.config, rows)
