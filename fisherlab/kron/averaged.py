@@ -1,0 +1,117 @@
+"""A moving average of the block itself, ``ρ F̂_prev + (1 − ρ) F``, for the matrix-free fitters.
+
+The paper averages each Kronecker factor over time, which is not the best Kronecker
+approximation of the averaged block (DESIGN.md §5). The alternative is to fit the
+approximation to the running estimate of the block,
+
+.. math::
+    \\tilde F_k = ρ\\,\\hat F_{k-1} + (1-ρ)\\,F_k,\\qquad
+    Z(\\tilde F_k) = ρ \\sum_j \\operatorname{vec}(A_j)\\operatorname{vec}(G_j)^\\top + (1-ρ)\\,Z(F_k),
+
+where ``F̂_{k-1} = Σ_j A_j ⊗ G_j`` is the previous approximation (a few terms) and ``F_k`` the
+current mini-batch block. Both products with ``Z(F̃_k)`` stay matrix-free, so
+:class:`AveragedBlock` can be handed to :func:`fisherlab.kron.fit` in place of a
+:class:`~fisherlab.kron.BlockStats` (every method except ``gram_svd``, which needs per-sample
+statistics of the whole block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fisherlab.kron.operator import KronSum
+from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockStats, BlockTooLargeError
+
+
+class AveragedBlock:
+    """``ρ F̂_prev + (1 − ρ) F_batch`` with the statistics protocol the fitters use.
+
+    Args:
+        stats: the current mini-batch block ``F_batch``.
+        previous: the previous approximation ``F̂_prev``, same shape.
+        weight: ``ρ`` in [0, 1], the weight of the past.
+        kfac: the KFAC factors ``(A, G)`` that stand for this block, i.e. the running
+            averages of KFAC's factors (KFAC is defined from samples, not from a block, so
+            the caller says which pair to use; KFAC-corrected subtracts this term).
+
+    Attributes:
+        a, g: the batch's per-sample statistics (the fitters allocate work arrays like them).
+    """
+
+    def __init__(self, stats: BlockStats, previous: KronSum, weight: float, kfac: tuple[Tensor, Tensor]):
+        if not 0 <= weight <= 1:
+            raise ValueError(f"weight must lie in [0, 1], got {weight}")
+        if (previous.d_act, previous.d_grad) != (stats.d_act, stats.d_grad):
+            raise ValueError(
+                f"previous approximation has shape ({previous.d_act}, {previous.d_grad}), "
+                f"the batch block ({stats.d_act}, {stats.d_grad})"
+            )
+        act, grad = kfac
+        if act.shape != (stats.d_act, stats.d_act) or grad.shape != (stats.d_grad, stats.d_grad):
+            raise ValueError("kfac factors do not match the block's shape")
+        self.stats = stats
+        self.previous = previous.to(stats.dtype, stats.device)
+        self.weight = float(weight)
+        self._kfac = (act, grad)
+        self.a, self.g = stats.a, stats.g
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return self.stats.n_samples
+
+    @property
+    def d_act(self) -> int:
+        return self.stats.d_act
+
+    @property
+    def d_grad(self) -> int:
+        return self.stats.d_grad
+
+    @property
+    def p(self) -> int:
+        return self.stats.p
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stats.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats.device
+
+    # -- the block ------------------------------------------------------------------------
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        """The KFAC pair given at construction."""
+        return self._kfac
+
+    def z_matvec(self, v: Tensor) -> Tensor:
+        """``Z(F̃) vec(V) = ρ Σ_j ⟨G_j, V⟩ A_j + (1 − ρ) Z(F) vec(V)``, V of shape (..., n, n)."""
+        weights = torch.einsum("rij,...ij->...r", self.previous.grad, v)
+        past = torch.einsum("...r,rkl->...kl", weights, self.previous.act)
+        return self.weight * past + (1 - self.weight) * self.stats.z_matvec(v)
+
+    def z_rmatvec(self, u: Tensor) -> Tensor:
+        """``Z(F̃)ᵀ vec(U) = ρ Σ_j ⟨A_j, U⟩ G_j + (1 − ρ) Z(F)ᵀ vec(U)``, U of shape (..., m, m)."""
+        weights = torch.einsum("rij,...ij->...r", self.previous.act, u)
+        past = torch.einsum("...r,rkl->...kl", weights, self.previous.grad)
+        return self.weight * past + (1 - self.weight) * self.stats.z_rmatvec(u)
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""
+        rho = self.weight
+        cross = self.stats.quadratic_forms(self.previous.act, self.previous.grad).mean(dim=1).sum()
+        sq = rho**2 * self.previous.inner(self.previous) + 2 * rho * (1 - rho) * cross
+        sq = sq + (1 - rho) ** 2 * self.stats.frobenius_norm() ** 2
+        return sq.clamp_min(0).sqrt()
+
+    def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
+        """The ``p × p`` averaged block in the ``A ⊗ G`` order.
+
+        Raises:
+            BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
+        """
+        if self.p**2 > max_entries:
+            raise BlockTooLargeError(f"the dense block has p² = {self.p**2:,} entries, above max_entries = {max_entries:,}")
+        return self.weight * self.previous.to_dense(max_entries) + (1 - self.weight) * self.stats.to_dense(max_entries)
