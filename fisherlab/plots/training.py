@@ -1,0 +1,93 @@
+"""Figure 2: training and validation loss against epoch and against time, one line per optimizer."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fisherlab.plots.style import color, label, marker  # noqa: E402
+
+#: (column on y, column on x, panel title) of the four panels, in reading order.
+PANELS = (
+    ("train_loss", "epoch", "training loss"),
+    ("val_loss", "epoch", "validation loss"),
+    ("train_loss", "seconds", "training loss"),
+    ("val_loss", "seconds", "validation loss"),
+)
+XLABELS = {"epoch": "epoch", "seconds": "time (s)"}
+
+
+def _column(history: Any, name: str) -> np.ndarray:
+    # A dict of lists, a pandas DataFrame, or a fisherlab.training.History all index by name.
+    if hasattr(history, "as_dict"):
+        history = history.as_dict()
+    return np.asarray(history[name], dtype=float)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "training"
+
+
+def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str) -> list[Path]:
+    """Draw the four Figure 2 panels of one problem and save them as PNG and PDF.
+
+    Args:
+        histories: ``{optimizer name: history}``; a history is anything indexable by column
+            name (``dict`` of lists, pandas ``DataFrame``, :class:`fisherlab.training.History`)
+            with columns ``epoch``, ``seconds``, ``train_loss``, ``val_loss``. Names are drawn
+            with the fixed labels and colours of :mod:`fisherlab.plots.style`.
+        out_dir: directory for the figures (created if missing).
+        title: figure title; its slug is the file name.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: if ``histories`` is empty or a history lacks a column.
+    """
+    if not histories:
+        raise ValueError("no histories to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+    for ax, (y_name, x_name, panel) in zip(axes.flat, PANELS):
+        for name, history in histories.items():
+            try:
+                x, y = _column(history, x_name), _column(history, y_name)
+            except KeyError as exc:
+                raise ValueError(f"history of {name!r} has no column {exc}") from None
+            finite = np.isfinite(y)
+            ax.plot(x[finite], y[finite], color=color(name), marker=marker(name), markevery=max(1, len(x) // 10),
+                    markersize=4, linewidth=1.4, label=label(name))
+        ax.set_xlabel(XLABELS[x_name])
+        ax.set_ylabel(panel)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize="small")
+    fig.suptitle(title)
+    paths = []
+    stem = _slug(title)
+    for suffix in ("png", "pdf"):
+        path = out_dir / f"{stem}.{suffix}"
+        fig.savefig(path, dpi=150)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def best_final(histories: Mapping[str, Any], column: str = "train_loss") -> dict[str, float]:
+    """``{name: last finite value of column}`` (NaN for a history with none), for tables."""
+    result = {}
+    for name, history in histories.items():
+        values = [v for v in _column(history, column) if math.isfinite(v)]
+        result[name] = values[-1] if values else float("nan")
+    return result

@@ -1,0 +1,114 @@
+"""The training loop, its history, the ``fisherlab train`` command and the Figure 2 plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fisherlab.data
+from fisherlab.cli import main
+from fisherlab.data import Dataset
+from fisherlab.errors import UserInputError
+from fisherlab.plots.training import best_final, plot_histories
+from fisherlab.problems import get_problem
+from fisherlab.training import COLUMNS, History, build_optimizer, train
+
+SMALL = get_problem("16-8-16")
+
+
+def _data(n, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.rand(4, d, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    return base[torch.randint(0, 4, (n,), generator=gen)] * 0.9 + 0.05
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "kfac", "deflation"])
+def test_train_logs_every_epoch_and_every_n_steps(name):
+    model = SMALL.build_model(seed=0)
+    opt = build_optimizer(name, model, SMALL, lr=0.01 if name == "adam" else 0.05, damping=1e-2, clip=1e-2, t1=2, t2=2)
+    seen = []
+    history = train(model, SMALL, opt, _data(128), _data(32, seed=1), epochs=3, batch_size=32, log_every=3,
+                    progress=False, on_row=lambda h: seen.append(len(h.rows)))
+    assert seen == list(range(1, len(history.rows) + 1))
+    assert history.column("step") == [0, 3, 4, 6, 8, 9, 12]
+    assert history.column("epoch") == [0, 1, 1, 2, 2, 3, 3]
+    seconds = history.column("seconds")
+    assert seconds[0] == 0 and all(b >= a for a, b in zip(seconds, seconds[1:]))
+    assert history.rows[-1]["train_loss"] < history.rows[0]["train_loss"]
+    assert not history.diverged
+
+
+def test_history_csv_round_trip(tmp_path):
+    rows = [{"epoch": 0, "step": 0, "seconds": 0.0, "train_loss": 2.5, "val_loss": 2.6, "batch_loss": float("nan"), "lr": 0.1},
+            {"epoch": 1, "step": 4, "seconds": 1.25, "train_loss": 1.5, "val_loss": 1.75, "batch_loss": 2.0, "lr": 0.1}]
+    History(rows).write_csv(tmp_path / "h.csv")
+    back = History.read_csv(tmp_path / "h.csv")
+    assert back.column("train_loss") == [2.5, 1.5] and back.column("step") == [0, 4]
+    assert not back.diverged
+    (tmp_path / "bad.csv").write_text("epoch,step\n0,0\n")
+    with pytest.raises(UserInputError, match="train_loss"):
+        History.read_csv(tmp_path / "bad.csv")
+
+
+def test_divergence_stops_the_run():
+    problem = get_problem("linear:16-8-16")
+    model = problem.build_model(seed=0)
+    opt = build_optimizer("sgd", model, problem, lr=1e3)
+    history = train(model, problem, opt, _data(128), _data(32), epochs=5, batch_size=32, progress=False)
+    assert history.diverged and history.rows[-1]["epoch"] < 5
+
+
+def test_build_optimizer_rejects_unknown_names_and_bad_settings():
+    with pytest.raises(UserInputError, match="unknown optimizer"):
+        build_optimizer("lbfgs", SMALL.build_model(), SMALL, lr=0.1)
+    with pytest.raises(UserInputError, match="damping"):
+        build_optimizer("kfac", SMALL.build_model(), SMALL, lr=0.1, damping=-1)
+
+
+def test_plot_histories_writes_the_figure_panels(tmp_path):
+    histories = {
+        "kfac": {c: [0, 1, 2] if c in ("epoch", "step") else [3.0, 2.0, 1.0] for c in COLUMNS},
+        "adam": History([{c: float(i) + 1 for c in COLUMNS} for i in range(3)]),
+    }
+    paths = plot_histories(histories, tmp_path / "figures", "CURVES (CPU-sized)")
+    assert [p.name for p in paths] == ["curves_cpu_sized.png", "curves_cpu_sized.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert best_final(histories) == {"kfac": 1.0, "adam": 3.0}
+
+
+@pytest.fixture
+def tiny_curves(monkeypatch):
+    def fake(name, data_dir=None, cache_dir=None):
+        gen = torch.Generator().manual_seed(0)
+        return Dataset(torch.rand(80, 784, generator=gen), torch.rand(20, 784, generator=gen), None, {"source": "test"})
+
+    monkeypatch.setattr(fisherlab.data, "load_dataset", fake)
+
+
+def test_train_command_writes_history_and_run_record(tmp_path, tiny_curves):
+    out = tmp_path / "run"
+    args = ["train", "--problem", "curves", "--optimizer", "kfac", "--epochs", "2", "--batch-size", "40",
+            "--lr", "0.01", "--damping", "0.01", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    history = History.read_csv(out / "history.csv")
+    assert history.column("epoch") == [0, 1, 2] and history.column("step") == [0, 2, 4]
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["optimizer"] == "kfac" and record["diagnostics"]["stats_updates"] == 1
+    assert not (out / "history.partial.csv").exists()
+    assert main(args) == 2  # a finished run is not overwritten without --force
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--problem", "20-10-20"], "no data set"), (["--problem", "imagenet"], "unknown problem"),
+     (["--problem", "curves", "--lr", "-1"], "positive"), (["--problem", "curves", "--batch-size", "500"], "exceeds")],
+)
+def test_train_command_bad_input_is_one_line_and_status_2(tmp_path, tiny_curves, capsys, extra, message):
+    try:
+        code = main(["train", "--optimizer", "sgd", "--out", str(tmp_path / "x"), "--no-progress", *extra])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
