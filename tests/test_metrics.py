@@ -65,3 +65,39 @@ def test_errors_of_the_exact_block_are_zero(exact_stats):
     approx = fit("kfac", exact_stats).op
     assert dense_error1(exact_stats.to_dense(), approx.to_dense()) <= 1e-12
     assert error2(exact_stats, approx) <= 1e-7
+
+
+def test_certified_error2_brackets_the_exact_value(monkeypatch):
+    from fisherlab.kron import ExactReference
+
+    from .conftest import _random
+
+    monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    stats = _random(11, 80, 12, 10)  # p = 130 > N = 80 > 32: the first k is partial
+    ref = ExactReference(stats)
+    for method in ("deflation", "kfac_corrected"):
+        op = fit(method, stats).op
+        exact = dense_error2(stats.to_dense(), op.to_dense())
+        for rtol in (1e-1, 1e-3):
+            est = ref.error2(op, rtol=rtol)
+            assert abs(est.value - exact) <= est.halfwidth + 1e-12
+            assert est.halfwidth <= rtol * est.value
+        assert ref.error2(op, rtol=0).halfwidth == 0
+
+
+def test_block_krylov_top_eigenvalues_of_indefinite_operators():
+    from fisherlab.kron.topeig import top_eigenvalues
+
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
+    # A decaying spectrum with a negative part of larger magnitude than the top.
+    lam = torch.cat([0.9 ** torch.arange(200.0), -2 * 0.8 ** torch.arange(100.0)]).double()
+    mat = (q * lam) @ q.T
+    out = top_eigenvalues(lambda rows: rows @ mat, 300, 20, torch.float64, "cpu", tol=1e-10)
+    assert out.converged
+    assert torch.allclose(out.values, lam.sort(descending=True).values[:20], atol=1e-9)  # algebraic, not |λ|
+
+
+def test_min_eigenvalue_bound_is_a_lower_bound(stats):
+    op = _indefinite(stats)
+    assert op.min_eigenvalue_bound() <= float(torch.linalg.eigvalsh(op.to_dense())[0]) + 1e-14
