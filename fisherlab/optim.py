@@ -379,21 +379,20 @@ class NaturalGradient(torch.optim.Optimizer):
         rho = min(1 - 1 / k, cfg.decay)
         start = time.perf_counter()
         for index, layer in self.layers.items():
-            state = self.state[layer.weight]
-            stats = stats_by_layer[index]
-            act_b, grad_b = stats.kfac_factors()
-            if "kfac_act" in state:
-                state["kfac_act"] = rho * state["kfac_act"] + (1 - rho) * act_b
-                state["kfac_grad"] = rho * state["kfac_grad"] + (1 - rho) * grad_b
-            else:
-                state["kfac_act"], state["kfac_grad"] = act_b, grad_b
-            kfac = KronSum(state["kfac_act"], state["kfac_grad"])
-            if cfg.method == "kfac":
-                op = kfac
-            else:
-                op = self._fit_layer(state, stats, rho, kfac)
-            state["approx_act"], state["approx_grad"] = op.act, op.grad
+            self._refresh_layer(self.state[layer.weight], stats_by_layer[index], rho)
         self.diagnostics.seconds_fit += time.perf_counter() - start
+
+    def _refresh_layer(self, state: dict, stats: BlockStats, rho: float) -> None:
+        """Fold one mini-batch block into a layer's running KFAC factors and approximation."""
+        act_b, grad_b = stats.kfac_factors()
+        if "kfac_act" in state:
+            state["kfac_act"] = rho * state["kfac_act"] + (1 - rho) * act_b
+            state["kfac_grad"] = rho * state["kfac_grad"] + (1 - rho) * grad_b
+        else:
+            state["kfac_act"], state["kfac_grad"] = act_b, grad_b
+        kfac = KronSum(state["kfac_act"], state["kfac_grad"])
+        op = kfac if self.config.method == "kfac" else self._fit_layer(state, stats, rho, kfac)
+        state["approx_act"], state["approx_grad"] = op.act, op.grad
 
     def _fit_layer(self, state: dict, stats: BlockStats, rho: float, kfac: KronSum) -> KronSum:
         cfg = self.config

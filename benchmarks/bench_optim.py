@@ -1,0 +1,211 @@
+"""Seconds per step of every optimizer, and the two moving averages compared (Error 1).
+
+Timing (``time``): for each problem, each optimizer's step (forward, loss, backward, update,
+and for the natural-gradient optimizers the extra backward pass, the fits and the damped
+inverses when due) is timed on the problem's data at the paper's batch size. A step that
+refreshes statistics and inverses (``t_update``) and a step that only applies the cached
+inverses (``t_plain``) are measured separately, each the median of a few repetitions, and
+
+    seconds per step at T₁ = T₂ = T  =  ((T − 1) t_plain + t_update) / T,
+
+which is what a run of T steps costs. Ratios are against Adam and against our KFAC, all
+measured in the same process.
+
+Averaging (``average``): on one layer, during an Adam run, the exact running block
+``F̄_k = ρ_k F̄_{k−1} + (1 − ρ_k) F_k`` (ρ_k = min(1 − 1/k, α)) is kept as weighted per-sample
+statistics, and each method's running approximation under ``average="block"`` and
+``average="factors"`` is scored by Error 1 = ‖F̄_k − F̂_k‖_F / ‖F̄_k‖_F (matrix-free).
+
+Usage::
+
+    python benchmarks/bench_optim.py time --problems curves mnist --out benchmarks/results
+    python benchmarks/bench_optim.py average --problem curves --layer 2 --updates 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fisherlab.data import load_dataset
+from fisherlab.kron import BlockStats, KronSum, error1
+from fisherlab.optim import PRESETS, NaturalGradient
+from fisherlab.probe import FisherProbe
+from fisherlab.problems import get_problem
+from fisherlab.training import build_optimizer
+
+NAMES = ("sgd", "adam", *PRESETS)
+
+
+def _closure(opt, model, problem, x):
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = problem.loss(model(x), x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _timed(opt, model, problem, x, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    opt.step(_closure(opt, model, problem, x))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[int, ...]) -> list[dict]:
+    """One row per optimizer: t_plain, t_update and the amortised seconds per step."""
+    problem = get_problem(name)
+    data = load_dataset(problem.dataset).train
+    batches = [data[i * problem.batch_size : (i + 1) * problem.batch_size].to(device) for i in range(repeats + 2)]
+    rows = []
+    for opt_name in NAMES:
+        model = problem.build_model(seed=0, device=device)
+        # T₁ = T₂ = 2: even steps update, odd steps only apply the cached inverses.
+        opt = build_optimizer(opt_name, model, problem, lr=1e-3, damping=1e-2, clip=1e-2, t1=2, t2=2)
+        _timed(opt, model, problem, batches[0], device)  # warm-up (and the first update)
+        _timed(opt, model, problem, batches[1], device)
+        plain, update = [], []
+        for i, x in enumerate(batches[2:]):
+            for _ in range(2):
+                (update if isinstance(opt, NaturalGradient) and opt.diagnostics.steps % 2 == 0 else plain).append(
+                    _timed(opt, model, problem, x, device)
+                )
+        t_plain = statistics.median(plain)
+        t_update = statistics.median(update) if update else t_plain
+        row = {"problem": name, "optimizer": opt_name, "t_plain": t_plain, "t_update": t_update}
+        for period in periods:
+            row[f"T={period}"] = ((period - 1) * t_plain + t_update) / period
+        if isinstance(opt, NaturalGradient):
+            row["fit_iterations_per_update"] = opt.diagnostics.fit_iterations / opt.diagnostics.stats_updates
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], periods: tuple[int, ...]) -> str:
+    """A markdown table of seconds per step and the ratios to Adam and to KFAC."""
+    lines = ["| problem | optimizer | " + " | ".join(f"s/step T={p} | ×Adam | ×KFAC" for p in periods) + " |",
+             "|---|---|" + "---|---|---|" * len(periods)]
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        by = {r["optimizer"]: r for r in rows if r["problem"] == problem}
+        for name, r in by.items():
+            cells = []
+            for p in periods:
+                key = f"T={p}"
+                cells.append(f"{r[key]:.4f} | {r[key] / by['adam'][key]:.2f} | {r[key] / by['kfac'][key]:.2f}")
+            lines.append(f"| {problem} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _weighted(parts: list[tuple[BlockStats, float]]) -> BlockStats:
+    # Σ_i w_i F_i as one BlockStats: a row scaled by s multiplies its term by s⁴ (a aᵀ ⊗ g gᵀ).
+    total = sum(s.n_samples for s, _ in parts)
+    a, g = [], []
+    for stats, w in parts:
+        scale = (w * total / stats.n_samples) ** 0.25
+        a.append(stats.a * scale)
+        g.append(stats.g * scale)
+    return BlockStats(torch.cat(a), torch.cat(g))
+
+
+def average_study(name: str, layer: int, updates: int, decay: float, methods: tuple[str, ...]) -> list[dict]:
+    """Error 1 of each method's running approximation against the exact running block."""
+    problem = get_problem(name)
+    data = load_dataset(problem.dataset).train
+    model = problem.build_model(seed=0, dtype=torch.float64)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats_seq: list[BlockStats] = []
+    generator = torch.Generator().manual_seed(0)
+    for k in range(updates):
+        x = data[k * problem.batch_size : (k + 1) * problem.batch_size].double()
+        with FisherProbe(model, layers=[layer]) as probe:
+            out = model(x)
+            stats_seq.append(probe.capture(out, problem.sample_targets, problem.per_example_loss, generator=generator)[layer])
+            adam.zero_grad()
+            problem.loss(out, x).backward()
+            adam.step()
+    # The exact running block as weights on the batch blocks.
+    weights: list[float] = []
+    rows = []
+    runners = {}
+    for method in methods:
+        for average in ("block", "factors"):
+            runners[(method, average)] = _Runner(method, average, decay)
+    for k, stats in enumerate(stats_seq, start=1):
+        rho = min(1 - 1 / k, decay)
+        weights = [w * rho for w in weights] + [1 - rho]
+        exact = _weighted(list(zip(stats_seq[:k], weights)))
+        for (method, average), runner in runners.items():
+            op = runner.update(stats, rho)
+            rows.append({"update": k, "method": method, "average": average, "error1": float(error1(exact, op))})
+    return rows
+
+
+class _Runner:
+    """Drives one layer's running approximation through the optimizer's own update code."""
+
+    def __init__(self, method: str, average: str, decay: float):
+        layer = torch.nn.Linear(1, 1)
+        self.opt = NaturalGradient(torch.nn.Sequential(layer), get_problem("1-1"), method=method, average=average, decay=decay)
+        self.state = {}
+
+    def update(self, stats: BlockStats, rho: float) -> KronSum:
+        self.opt._refresh_layer(self.state, stats, rho)
+        return KronSum(self.state["approx_act"], self.state["approx_grad"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("time")
+    t.add_argument("--problems", nargs="+", default=["curves", "mnist"])
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--out", type=Path, default=None)
+    a = sub.add_parser("average")
+    a.add_argument("--problem", default="curves")
+    a.add_argument("--layer", type=int, default=2)
+    a.add_argument("--updates", type=int, default=20)
+    a.add_argument("--decay", type=float, default=0.95)
+    a.add_argument("--methods", nargs="+", default=["kpsvd", "deflation", "lanczos", "kfac_corrected"])
+    a.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.what == "time":
+        periods = (100, 1)
+        rows = [r for p in args.problems for r in time_problem(p, args.repeats, torch.device(args.device), periods)]
+        text = table(rows, periods)
+        meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    else:
+        rows = average_study(args.problem, args.layer, args.updates, args.decay, tuple(args.methods))
+        last = {(r["method"], r["average"]): r["error1"] for r in rows if r["update"] == args.updates}
+        mean = {}
+        for r in rows:
+            mean.setdefault((r["method"], r["average"]), []).append(r["error1"])
+        text = "| method | Error 1, block average (last / mean) | Error 1, factor average (last / mean) |\n|---|---|---|\n"
+        text += "\n".join(
+            f"| {m} | {last[(m, 'block')]:.4f} / {statistics.mean(mean[(m, 'block')]):.4f} | "
+            f"{last[(m, 'factors')]:.4f} / {statistics.mean(mean[(m, 'factors')]):.4f} |"
+            for m in args.methods
+        )
+        meta = {"problem": args.problem, "layer": args.layer, "updates": args.updates, "decay": args.decay}
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.what}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / f"{args.what}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
