@@ -155,7 +155,13 @@ class NaturalGradient(torch.optim.Optimizer):
     - ``average="block"`` (default): fit the approximation to the running estimate of the
       block, ``F̂_k = fit(ρ_k F̂_{k−1} + (1 − ρ_k) F_k)``, matrix-free
       (:class:`fisherlab.kron.averaged.AveragedBlock`). This is the best approximation of
-      the averaged block the method can give, up to the recursion.
+      the averaged block the method can give, up to the recursion, and it is the default
+      because it is measurably closer to the exact running block: on CURVES layer 3 during
+      an Adam run (15 updates, α = 0.95, ``benchmarks/bench_optim.py average``), Error 1
+      against the exact ``ρ``-averaged block at the last update is 0.082 / 0.057 / 0.057 /
+      0.069 (KPSVD / Deflation / Lanczos / KFAC-corrected) with the block average and
+      0.172 / 0.171 / 0.171 / 0.244 with the factor average; the cost per update is the
+      same up to ``r`` extra rank-one products per sweep.
     - ``average="factors"`` (the paper): fit to the mini-batch block, then average each
       factor, ``A_j ← ρ_k A_j + (1 − ρ_k) A_j^{batch}`` (likewise ``G_j``; the joint sign of a
       second term is aligned with the previous one first).
