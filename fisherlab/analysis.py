@@ -38,7 +38,7 @@ EXACT = "exact_block"
 #: Columns of ``errors.csv`` (DESIGN.md §4 plus diagnostics).
 COLUMNS = (
     "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
-    "residual", "converged", "warm_started", "error_seconds",
+    "residual", "converged", "warm_started", "error_seconds", "error2_halfwidth",
 )
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -67,6 +67,7 @@ def analyze(
     device: str = "cpu",
     warm_start: bool = True,
     tol: float = 1e-6,
+    error2_rtol: float = 1e-4,
     progress: bool = True,
 ) -> Path:
     """Analyze a run file; returns the path of the ``errors.csv`` written into ``out_dir``.
@@ -81,6 +82,9 @@ def analyze(
         device: ``"cpu"`` or ``"cuda"``.
         warm_start: start the iterative methods from the previous step's singular vectors.
         tol: relative residual tolerance of the power and Lanczos iterations.
+        error2_rtol: relative half-width allowed on Error 2 for large multi-term
+            approximations (0: exact, with all ``min(N, p)`` eigenvalues of ``F̂``); the
+            certified half-width is stored as ``error2_halfwidth``.
         progress: show a progress bar over steps × layers.
 
     Raises:
@@ -88,6 +92,8 @@ def analyze(
             not recorded, an invalid rank, dtype or device.
     """
     methods = resolve_methods(methods)
+    if not error2_rtol >= 0:
+        raise UserInputError(f"error2_rtol must be nonnegative, got {error2_rtol}")
     if rank is not None and rank < 1:
         raise UserInputError(f"rank must be a positive integer, got {rank}")
     if dtype not in DTYPES:
@@ -104,7 +110,7 @@ def analyze(
         if not steps:
             raise UserInputError(f"{run} holds no completed step to analyze")
         out_dir.mkdir(parents=True, exist_ok=True)
-        _Analysis(reader, methods, rank, DTYPES[dtype], device, warm_start, tol).run(steps, layers, progress)
+        _Analysis(reader, methods, rank, DTYPES[dtype], device, warm_start, tol, error2_rtol).run(steps, layers, progress)
         return write_table(reader, out_dir / "errors.csv")
 
 
@@ -117,6 +123,7 @@ class _Analysis:
     device: str
     warm_start: bool
     tol: float
+    error2_rtol: float
 
     def run(self, steps: list[int], layers: list[int], progress: bool) -> None:
         previous: dict[tuple[int, str], FitResult] = {}
@@ -149,13 +156,14 @@ class _Analysis:
             previous[(layer, method)] = result
             start = time.perf_counter()
             e1 = ref.error1(result.op)
-            e2, lam_hat = ref.error2(result.op)
+            spectral = ref.error2(result.op, rtol=self.error2_rtol)
             info = result.info
             self.reader.write_analysis(
                 step, layer, method,
-                {"eigenvalues": lam_hat, "singular_values": info.singular_values},
+                {"eigenvalues": spectral.eigenvalues, "singular_values": info.singular_values},
                 {
-                    "error1": e1, "error2": e2, "seconds": info.seconds, "iterations": info.iterations,
+                    "error1": e1, "error2": spectral.value, "error2_halfwidth": spectral.halfwidth,
+                    "seconds": info.seconds, "iterations": info.iterations,
                     "residual": info.residual, "converged": bool(info.converged), "rank": result.op.rank,
                     "warm_started": init is not None and method not in ("kfac", "gram_svd"),
                     "error_seconds": time.perf_counter() - start,

@@ -48,7 +48,7 @@ class ExactReference:
         diff2 = self.norm2 - 2 * cross + approx.inner(approx)
         return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt())
 
-    def error2(self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-10) -> SpectralError:
+    def error2(self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8) -> SpectralError:
         """Relative spectral error, certified to ``rtol``, and the eigenvalues of ``F̂`` it used.
 
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known, the unknown part of

@@ -1,0 +1,64 @@
+"""``fisherlab analyze RUN.h5``: every Kronecker approximation on every recorded step and layer."""
+
+from __future__ import annotations
+
+import argparse
+
+from fisherlab.analysis import DEFAULT_METHODS, DTYPES, analyze
+from fisherlab.errors import UserInputError
+from fisherlab.kron import METHODS
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"1,5"`` → ``[1, 5]``; a clear error otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserInputError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserInputError(f"{what} must not be empty")
+    return values
+
+
+def add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``analyze`` and ``study``."""
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods among {', '.join(METHODS)} (default: all)",
+    )
+    parser.add_argument("--rank", type=int, help="Kronecker terms for the methods that take a rank (paper: 2)")
+    parser.add_argument("--analysis-layers", help="comma-separated recorded layers to analyze (default: all)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64", help="analysis precision")
+    parser.add_argument("--no-warm-start", action="store_true", help="start each power/Lanczos fit afresh")
+    parser.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance of the iterations")
+    parser.add_argument(
+        "--error2-rtol", type=float, default=1e-4,
+        help="relative half-width allowed on Error 2 of large multi-term approximations (0: exact)",
+    )
+
+
+def analysis_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`fisherlab.analysis.analyze` from the shared options."""
+    return {
+        "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+        "rank": args.rank,
+        "layers": parse_int_list(args.analysis_layers, "--analysis-layers") if args.analysis_layers else None,
+        "dtype": args.dtype,
+        "warm_start": not args.no_warm_start,
+        "tol": args.tol,
+        "error2_rtol": args.error2_rtol,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="HDF5 run file written by `fisherlab record`")
+    parser.add_argument("--out", help="directory for errors.csv (default: beside the run file)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_analysis_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    table = analyze(args.run, out_dir=args.out, device=args.device, progress=not args.quiet, **analysis_kwargs(args))
+    print(f"errors table: {table}")
+    return 0
