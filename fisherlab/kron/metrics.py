@@ -55,7 +55,9 @@ class ExactReference:
         ``Σ_{i≤N} λ_i(F) μ_i`` lies in ``T · [μ_lo, μ_k]`` with ``T = Σ_{k<i≤N} λ_i(F)`` and
         ``μ_lo`` a lower bound on ``λ_min(F̂)``; ``k`` doubles from 32 until the resulting
         interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N`` (exact).
-        ``rtol = 0`` asks for all N at once. One-term and small sums are always exact.
+        ``rtol = 0`` asks for all N at once, to machine precision. One-term and small sums
+        are always exact. The eigensolver's own accuracy (``tol``, relative) widens the
+        interval too.
 
         Args:
             rtol: relative half-width allowed on Error 2.
@@ -69,13 +71,15 @@ class ExactReference:
         k = k_all if exact else min(k_all, 32)
         mu_lo = None if exact else approx.min_eigenvalue_bound()
         norm = self.norm2.sqrt()
+        tol = 0.0 if exact else tol
         while True:
             lam_hat = approx.eigenvalues(k=k, tol=tol)
             known = (lam_f[:k] * lam_hat).sum()
+            slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # |θ_i − μ_i| ≤ tol |θ_i| (ARPACK)
             tail = lam_f[k:].sum()
             lo_mu = lam_hat[-1] if mu_lo is None else min(lam_hat[-1], mu_lo)
-            e_lo = float((base - 2 * (known + tail * lam_hat[-1])).clamp_min(0).sqrt() / norm)
-            e_hi = float((base - 2 * (known + tail * lo_mu)).clamp_min(0).sqrt() / norm)
+            e_lo = float((base - 2 * (known + slack + tail * lam_hat[-1])).clamp_min(0).sqrt() / norm)
+            e_hi = float((base - 2 * (known - slack + tail * lo_mu)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)

@@ -110,12 +110,11 @@ class KronSum:
         """The ``k`` algebraically largest eigenvalues (all ``p`` when ``k`` is None), descending.
 
         One term: the exact products ``α_i γ_k``. Several terms: a dense eigvalsh up to
-        :data:`DENSE_EIG_LIMIT`, else restarted block Krylov iterations on the batched
-        weight-shape product (:func:`~fisherlab.kron.topeig.top_eigenvalues`; "largest" is
-        algebraic, so indefinite sums are handled), with residuals below ``tol`` times the
-        largest eigenvalue in magnitude (eigenvalue errors are then of order ``tol²``, far
-        below ``tol``: the Ritz values of a symmetric operator converge quadratically).
-        Factors are symmetrized first.
+        :data:`DENSE_EIG_LIMIT` or when ``k`` is a sizeable fraction of ``p``, else the
+        implicitly restarted Lanczos method on the weight-shape product
+        (:func:`~fisherlab.kron.topeig.top_eigenvalues`; "largest" is algebraic, so
+        indefinite sums are handled) with relative accuracy ``tol``. Factors are symmetrized
+        first.
         """
         sym = self.symmetrized()
         k = self.p if k is None else min(k, self.p)
@@ -123,14 +122,14 @@ class KronSum:
             ea = torch.linalg.eigvalsh(sym.act[0])
             eg = torch.linalg.eigvalsh(sym.grad[0])
             return torch.sort((ea[:, None] * eg[None, :]).flatten(), descending=True).values[:k]
-        if self.p <= DENSE_EIG_LIMIT or 4 * k >= self.p:
+        if self.p <= DENSE_EIG_LIMIT or 16 * k >= self.p:
             return torch.linalg.eigvalsh(sym.to_dense(max_entries=self.p**2)).flip(0)[:k]
         n, m = self.d_grad, self.d_act
 
-        def matmat(rows: Tensor) -> Tensor:  # any fixed flattening of X (n × m) will do
-            return sym.matvec(rows.reshape(-1, n, m)).reshape(-1, n * m)
+        def matvec(v: Tensor) -> Tensor:  # any fixed flattening of X (n × m) will do
+            return sym.matvec(v.reshape(n, m)).reshape(-1)
 
-        return top_eigenvalues(matmat, self.p, k, self.act.dtype, self.act.device, tol=tol).values
+        return top_eigenvalues(matvec, self.p, k, self.act.dtype, self.act.device, tol=tol)
 
     def min_eigenvalue_bound(self) -> float:
         """A lower bound on ``λ_min(F̂)``: ``Σ_j λ_min(A_j ⊗ G_j)`` (Weyl's inequality)."""
