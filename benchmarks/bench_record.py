@@ -1,0 +1,168 @@
+"""Seconds per training step of ``fisherlab record`` against plain Adam, on CURVES and MNIST.
+
+Modes, each timed on the same model and batches, one step of each in turn so that a busy
+machine slows them alike. The median step of each mode is reported in wall-clock time and
+in CPU time of the process; other processes disturb the latter far less, so the targets are
+checked against it. One torch thread by default: on a busy machine a second one spends most
+of its time waiting for the first, which inflates and scatters every timing.
+
+    plain Adam     the step of ``fisherlab train``: Adam.step(closure), the closure running
+                   zero_grad, forward, loss, backward
+    unrecorded     Recorder.train_step(capture=False): a step of record that is not recorded
+    capture        Recorder.train_step(capture=True): + the probe's extra backward pass
+    capture+write  capture, then RunWriter.write_step(dense_budget=0) and the resume
+                   checkpoint, i.e. a whole recorded step of ``record --dense-budget 0``
+
+The dense blocks that the default budget admits (``--dense-budget 1GiB``) are timed on one
+recorded step apart, since they cost tens of seconds. Targets: capture+write
+at most 2.5x plain Adam; unrecorded steps at most 1.05x.
+
+Usage:
+    python benchmarks/bench_record.py                      # curves and mnist, 20 steps a mode
+    python benchmarks/bench_record.py --problems mnist --steps 40 --threads 2 --no-dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fisherlab.data import load_dataset
+from fisherlab.errors import UserInputError
+from fisherlab.problems import get_problem
+from fisherlab.record import Recorder, _save_checkpoint
+from fisherlab.store import DEFAULT_DENSE_BUDGET, RunWriter
+from fisherlab.training import build_optimizer
+
+MODES = ("plain Adam", "unrecorded", "capture", "capture+write")
+TARGETS = {"capture+write": 2.5, "unrecorded": 1.05}
+
+
+def _data(name: str, batch: int, count: int) -> tuple[list[torch.Tensor], str]:
+    """``count`` batches of real data, or of uniform random pixels when the data set is missing."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        train = load_dataset(name).train
+        source = "real data"
+    except UserInputError as exc:
+        train = torch.rand(batch * count, get_problem(name).layer_sizes[0], generator=gen)
+        source = f"RANDOM inputs ({exc})"
+    order = torch.randperm(train.shape[0], generator=gen)[: batch * count]
+    return [train[order[i * batch : (i + 1) * batch]].contiguous() for i in range(count)], source
+
+
+def bench(name: str, steps: int, dense: bool, workdir: Path) -> None:
+    """Time the four modes on one problem and print its table."""
+    problem = get_problem(name)
+    batches, source = _data(name, problem.batch_size, 8)
+    model = problem.build_model(seed=0)
+    adam = build_optimizer("adam", model, problem, lr=1e-3)
+    layers = list(range(1, problem.num_layers + 1))
+    recorder = Recorder(model, problem, adam, layers)
+    out = workdir / f"{name}.h5"
+    writer = RunWriter(out, {"problem": name}, recorder.probe.layer_shapes, force=True)
+    ckpt = workdir / f"{name}.resume.pt"
+    counter = iter(range(10**8))
+    recorded_bytes = []
+    split = {"HDF5 write": [], "checkpoint": []}  # CPU seconds inside capture+write
+
+    def plain(x: torch.Tensor) -> None:
+        # The step of fisherlab.training.train (``fisherlab train --optimizer adam``).
+        def closure() -> torch.Tensor:
+            adam.zero_grad(set_to_none=True)
+            loss = problem.loss(model(x), x)
+            loss.backward()
+            return loss
+
+        float(adam.step(closure).detach())
+
+    def full(x: torch.Tensor) -> None:
+        step = next(counter)
+        size = out.stat().st_size
+        loss, stats = recorder.train_step(x, step, capture=True)
+        start = time.process_time()
+        writer.write_step(step, 0, loss, stats, dense_budget=0)
+        middle = time.process_time()
+        _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": adam.state_dict(), "next_step": step + 1})
+        split["HDF5 write"].append(middle - start)
+        split["checkpoint"].append(time.process_time() - middle)
+        recorded_bytes.append(out.stat().st_size - size)
+
+    run = {
+        "plain Adam": plain,
+        "unrecorded": lambda x: recorder.train_step(x, 0, capture=False),
+        "capture": lambda x: recorder.train_step(x, 0, capture=True),
+        "capture+write": full,
+    }
+    wall = {mode: [] for mode in MODES}
+    cpu = {mode: [] for mode in MODES}
+    for mode in MODES:  # warm-up: allocator, Adam state, HDF5 file
+        run[mode](batches[0])
+    # Round robin, one step of each mode in turn, so that other load hits every mode alike; the
+    # order rotates because the step after a file write runs on colder caches.
+    for i in range(steps):
+        for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
+            x = batches[i % len(batches)]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run[mode](x)
+            wall[mode].append(time.perf_counter() - start)
+            cpu[mode].append(time.process_time() - start_cpu)
+
+    print(
+        f"\n{name}: batch {problem.batch_size}, {problem.num_parameters:,} parameters, {len(layers)} layers "
+        f"recorded, {source}, {torch.get_num_threads()} threads, {steps} steps a mode"
+    )
+    print(f"{'mode':<16}{'wall s':>9}{'x plain':>9}{'CPU s':>9}{'x plain':>9}  target (CPU)")
+    med = {mode: (statistics.median(wall[mode]), statistics.median(cpu[mode])) for mode in MODES}
+    base = med["plain Adam"]
+    for mode in MODES:
+        (w, c), target = med[mode], TARGETS.get(mode)
+        verdict = "" if target is None else f"{target:.2f}: " + ("met" if c / base[1] <= target else "MISSED")
+        print(f"{mode:<16}{w:>9.3f}{w / base[0]:>9.2f}{c:>9.3f}{c / base[1]:>9.2f}  {verdict}")
+    w, c = ((99 * med["unrecorded"][k] + med["capture+write"][k]) / 100 for k in (0, 1))
+    print(f"{'every 100, avg':<16}{w:>9.3f}{w / base[0]:>9.2f}{c:>9.3f}{c / base[1]:>9.2f}")
+    parts = ", ".join(
+        f"{k} {statistics.median(v):.3f} s ({statistics.median(v) / base[1]:.2f}x)" for k, v in split.items()
+    )
+    print(f"capture+write CPU includes: {parts}")
+    print(f"HDF5 per recorded step, statistics only: {statistics.median(recorded_bytes[1:]) / 1e6:.2f} MB")
+
+    if dense:
+        size = out.stat().st_size
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss, stats = recorder.train_step(batches[0], next(counter), capture=True)
+        writer.write_step(10**7, 0, loss, stats, dense_budget=DEFAULT_DENSE_BUDGET)
+        seconds, seconds_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        admitted = [i for i, s in stats.items() if 4 * s.p**2 <= DEFAULT_DENSE_BUDGET]
+        print(
+            f"recorded step with the dense blocks of the default budget (layers {admitted}): {seconds:.1f} s wall "
+            f"({seconds / base[0]:.0f}x plain), {seconds_cpu:.1f} s CPU, {(out.stat().st_size - size) / 1e6:.1f} MB"
+        )
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", default=["curves", "mnist"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine a second one mostly spins)",
+    )
+    parser.add_argument("--no-dense", action="store_true", help="skip the one-step dense write")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.problems:
+            bench(name, args.steps, not args.no_dense, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""``fisherlab record``: train an auto-encoder and record its per-layer Fisher statistics.
+
+Example::
+
+    fisherlab record --problem curves --steps 2000 --every 50 --layers 5 --out curves.h5
+
+Defaults follow the paper's Fisher-quality runs: Adam with learning rate 1e-3, the
+problem's batch size and number of epochs, the Monte-Carlo Fisher with one draw per
+example, every layer. Interrupted with Ctrl-C, the file keeps every completed step; run
+the same command with ``--resume`` to continue it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fisherlab.errors import UserInputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``record``'s options to its sub-parser."""
+    from fisherlab.record import DEFAULT_EVERY, OPTIMIZERS
+    from fisherlab.store import DEFAULT_DENSE_BUDGET
+
+    parser.add_argument(
+        "--problem", default="curves", help="curves, mnist, faces, or layer sizes such as 20-10-20 (default: curves)"
+    )
+    parser.add_argument("--out", required=True, help="the HDF5 run file to write")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="default: adam (betas 0.9, 0.999)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for Adam, the paper's)")
+    parser.add_argument("--batch-size", type=int, help="default: the paper's (CURVES 256, MNIST 512, FACES 1024)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="default: the paper's (CURVES 40, MNIST 26, FACES 32)")
+    length.add_argument("--steps", type=int, help="optimizer steps to run instead of whole epochs")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=DEFAULT_EVERY,
+        help=f"record at step 0 and every K steps (default: {DEFAULT_EVERY})",
+    )
+    parser.add_argument("--layers", default="all", help="all, one index (5) or a list (1,5); 1-based (default: all)")
+    parser.add_argument(
+        "--fisher",
+        default="mc",
+        choices=("mc", "empirical"),
+        help="targets drawn from the model (mc, the paper's) or the data's",
+    )
+    parser.add_argument(
+        "--mc-samples", type=int, default=1, help="target draws per example for --fisher mc (default: 1)"
+    )
+    parser.add_argument(
+        "--dense-budget",
+        default=str(DEFAULT_DENSE_BUDGET),
+        help="largest dense block stored, bytes of float32, e.g. 0, 500MB, 1GiB (default: 1GiB)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights, batch order and Monte-Carlo targets (default: 0)"
+    )
+    parser.add_argument("--data-dir", help="directory with the original data files (default: $FISHERLAB_DATA_DIR)")
+    parser.add_argument("--cache-dir", help="cache of regenerated data sets (default: $FISHERLAB_CACHE_DIR)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true", help="overwrite an existing run file")
+    mode.add_argument("--resume", action="store_true", help="continue an existing run file from its last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Record the run ``args`` describes; 0 on success, 130 when interrupted."""
+    from fisherlab.record import checkpoint_path, record
+
+    try:
+        path = record(
+            args.problem,
+            args.out,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            steps=args.steps,
+            every=args.every,
+            layers=args.layers,
+            fisher=args.fisher,
+            mc_samples=args.mc_samples,
+            dense_budget=args.dense_budget,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            force=args.force,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"fisherlab record: interrupted; {_kept(args.out)}", file=sys.stderr)
+        return 130
+    print(f"wrote {path} (resume state: {checkpoint_path(path)})")
+    return 0
+
+
+def _kept(out: str) -> str:
+    """What an interrupted run left behind, and how to continue it."""
+    from fisherlab.store import RunReader
+
+    try:
+        with RunReader(out) as reader:
+            steps = reader.steps()
+    except UserInputError:
+        steps = []
+    if not steps:
+        return "no step was recorded; nothing was kept"
+    return (
+        f"{out} keeps {len(steps)} recorded steps (last: {steps[-1]}); run the same command with --resume to continue"
+    )

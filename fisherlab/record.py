@@ -1,0 +1,532 @@
+"""Record a training run: the per-sample Fisher statistics of every layer at chosen steps.
+
+:func:`record` trains one of the paper's auto-encoders (Adam by default, the paper's
+Figure 1 setting) and, at steps ``0, K, 2K, …`` below the run's length, captures for each
+chosen ``nn.Linear`` layer the statistics ``(a, g)`` of its exact mini-batch Fisher block
+(:class:`fisherlab.probe.FisherProbe`) and writes them, with the dense block where it fits
+the byte budget, into an HDF5 run file (:class:`fisherlab.store.RunWriter`).
+
+What a recorded step means. Step ``s`` is the state after ``s`` optimizer updates. The
+statistics recorded "at step ``s``" are taken at those parameters on the batch of update
+``s + 1``, inside that update: forward pass, the probe's extra backward pass, the training
+backward, the optimizer step. The probe never touches ``.grad`` and draws its Monte-Carlo
+targets from a generator of its own, seeded from ``(seed, s)``, so a recorded run follows
+exactly the trajectory of an unrecorded one, and of ``fisherlab train`` with the same
+optimizer, batch size and seed (the batches come from :mod:`fisherlab.training`'s iterator).
+The step's ``epoch`` attribute is the number of completed epochs, ``s // steps_per_epoch``;
+``loss`` is the training loss of the batch.
+
+Determinism. The weights come from ``problem.build_model(seed)``, the batch order from a
+generator seeded with ``seed`` (one permutation per epoch, incomplete last batch dropped),
+and the Monte-Carlo targets of step ``s`` from a generator seeded from ``(seed, s)``: one
+seed gives the same file on a given device.
+
+Resuming. After every recorded step (and at the end of the run) the model, the optimizer
+state and the batch generator's state are saved atomically (temporary file + rename) to
+``<out stem>.resume.pt`` beside the run file (:func:`checkpoint_path`). ``resume=True``
+restores them and continues after the checkpointed step; recorded steps already in the
+file are not written again. Without a usable checkpoint it replays the run from step 0,
+which gives the same steps because the run is deterministic. The run's length is not part
+of the stored configuration, so a finished run can be extended by resuming it with a larger
+``steps`` or ``epochs``.
+
+Custom problems (layer-size strings such as ``"12-6-12"``) have no data set of the paper;
+they train on a small synthetic one (:func:`synthetic_dataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from collections.abc import Iterable
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fisherlab.data import Dataset, load_dataset
+from fisherlab.errors import UserInputError
+from fisherlab.kron import BlockStats
+from fisherlab.probe import FISHER_TYPES, FisherProbe
+from fisherlab.problems import Problem, get_problem
+from fisherlab.store import DEFAULT_DENSE_BUDGET, RunWriter
+from fisherlab.training import _batches, build_optimizer
+
+#: Optimizers ``record`` drives (the natural-gradient ones run a probe of their own).
+OPTIMIZERS = ("adam", "sgd")
+#: Adam's learning rate in the paper's Fisher-quality runs (the authors' code, Figure 1).
+DEFAULT_LR = {"adam": 1e-3}
+#: Epochs of the paper's Fisher-quality runs (the authors' code); custom problems get 10.
+PAPER_EPOCHS = {"curves": 40, "mnist": 26, "faces": 32}
+CUSTOM_EPOCHS = 10
+#: Record at step 0 and every this many steps: about once an epoch on the paper's problems,
+#: so that a paper-length run keeps 25 to 26 steps.
+DEFAULT_EVERY = 100
+#: Synthetic data of custom problems: sizes and the seed of their one random stream.
+SYNTHETIC_SIZES = (1024, 256)
+SYNTHETIC_SEED = 0
+
+_CHECKPOINT_FORMAT = "fisherlab.record-checkpoint"
+_STEP_LIMIT = 10**8  # the store names steps with 8 digits
+_MC_STREAM = 0x4D43  # separates the Monte-Carlo seeds from any other use of the run's seed
+# Implementation switches of torch optimizers: they do not change the arithmetic's meaning.
+_IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable"}
+# Meta entries of the data loaders that describe a particular call, not the data set.
+_VOLATILE_META = {"cache_hit", "generation_seconds"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count from ``"1GB"``, ``"512MiB"``, ``"0"`` or an int.
+
+    KB, MB, GB, TB (and K, M, G, T) are powers of 1000; KiB, MiB, GiB, TiB powers of 1024.
+
+    Raises:
+        UserInputError: for a negative or unreadable size.
+    """
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        match = _SIZE.match(str(text))
+        if match is None:
+            raise UserInputError(f"cannot read byte size {text!r}; write e.g. 0, 500MB or 1GiB")
+        unit = (match.group(2) or "b").lower()
+        scale = 1 if unit == "b" else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
+        value = int(float(match.group(1)) * scale)
+    if value < 0:
+        raise UserInputError(f"byte size must not be negative, got {text!r}")
+    return value
+
+
+def parse_layers(spec: str | int | Iterable[int], num_layers: int) -> list[int]:
+    """1-based layer indices from ``"all"``, ``5``, ``"1,5"`` or ``[1, 5]``, sorted.
+
+    Raises:
+        UserInputError: for an index outside ``1 … num_layers``, a repeated one, or an
+            unreadable spec.
+    """
+    if isinstance(spec, str):
+        if spec.strip().lower() == "all":
+            return list(range(1, num_layers + 1))
+        try:
+            chosen = [int(part) for part in spec.split(",")]
+        except ValueError:
+            raise UserInputError(f"cannot read layers {spec!r}; write all, 5 or 1,5") from None
+    elif isinstance(spec, (int, np.integer)):
+        chosen = [int(spec)]
+    else:
+        chosen = list(spec)
+    bad = [i for i in chosen if not isinstance(i, (int, np.integer)) or not 1 <= i <= num_layers]
+    if bad or not chosen:
+        raise UserInputError(
+            f"layer indices must lie in 1..{num_layers} (the network has {num_layers}), got {bad or spec!r}"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise UserInputError(f"layer indices must not repeat, got {chosen}")
+    return sorted(int(i) for i in chosen)
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """Where :func:`record` keeps the state to resume ``out`` from: ``run.h5`` → ``run.resume.pt``."""
+    return Path(out).with_suffix(".resume.pt")
+
+
+def synthetic_dataset(problem: Problem) -> Dataset:
+    """A small seeded data set for a custom auto-encoder problem.
+
+    Each example is ``x = M z`` with ``z ~ N(0, I_r)``, ``r`` the narrowest layer width and
+    ``M`` a fixed Gaussian ``d × r`` matrix scaled by ``2/√r``; with a sigmoid output ``x``
+    is passed through the sigmoid, giving pixels in (0, 1) on an ``r``-dimensional manifold
+    that the auto-encoder can learn. The data do not depend on the run's seed.
+
+    Raises:
+        UserInputError: if the input and output sizes differ (an auto-encoder's target is
+            its input).
+    """
+    sizes = problem.layer_sizes
+    if sizes[0] != sizes[-1]:
+        raise UserInputError(
+            f"problem {problem.name!r} is not an auto-encoder: input size {sizes[0]} != output size {sizes[-1]}"
+        )
+    n_train, n_val = SYNTHETIC_SIZES
+    rank = min(sizes)
+    gen = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    mix = torch.randn(sizes[0], rank, generator=gen) * (2.0 / math.sqrt(rank))
+    x = torch.randn(n_train + n_val, rank, generator=gen) @ mix.T
+    if problem.output == "sigmoid":
+        x = torch.sigmoid(x)
+    meta = {
+        "name": "synthetic",
+        "source": "fisherlab.record.synthetic_dataset",
+        "regenerated": True,
+        "recipe": "x = M z, z ~ N(0, I_r), M ~ N(0, 4/r) fixed; sigmoid(x) for a sigmoid output",
+        "rank": rank,
+        "n_train": n_train,
+        "n_val": n_val,
+        "seed": SYNTHETIC_SEED,
+    }
+    return Dataset(train=x[:n_train].contiguous(), val=x[n_train:].contiguous(), test=None, meta=meta)
+
+
+def _mc_seed(seed: int, step: int) -> int:
+    # Seeding per step keeps the draws of step s independent of which steps were recorded
+    # before it, so a resumed or replayed run draws the same targets.
+    return int(np.random.SeedSequence((seed, _MC_STREAM, step)).generate_state(2, np.uint64)[0])
+
+
+class Recorder:
+    """One training step of a model, with the Fisher statistics captured on request.
+
+    The step is: zero the gradients, forward pass, (probe capture), training loss
+    backward, optimizer step, the order :class:`~fisherlab.probe.FisherProbe` documents.
+    The hooks are attached only during a capturing step, so other steps cost what plain
+    training costs.
+
+    Args:
+        model: the network, whose ``nn.Linear`` layers are layers ``1 … L``.
+        problem: gives the training loss, the per-example loss and the target sampler.
+        optimizer: a torch optimizer over ``model``'s parameters.
+        layers: 1-based indices of the layers to capture.
+        fisher: ``"mc"`` (targets drawn from the model) or ``"empirical"`` (the data).
+        mc_samples: target draws per example for ``"mc"``.
+        seed: the run's seed; step ``s`` draws its targets from a generator seeded from
+            ``(seed, s)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        problem: Problem,
+        optimizer: torch.optim.Optimizer,
+        layers: Iterable[int],
+        *,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.problem = problem
+        self.optimizer = optimizer
+        self.probe = FisherProbe(model, layers)
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.seed = seed
+
+    def train_step(self, x: Tensor, step: int, capture: bool = False) -> tuple[float, dict[int, BlockStats] | None]:
+        """Take optimizer step ``step + 1`` on the auto-encoder batch ``x`` (targets = inputs).
+
+        Args:
+            x: the batch, on the model's device.
+            step: updates taken so far (selects the Monte-Carlo seed).
+            capture: also return the statistics at the current parameters.
+
+        Returns:
+            ``(training loss of the batch, {layer: BlockStats} or None)``.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = None
+        if capture:
+            with self.probe as probe:
+                output = self.model(x)
+                if self.fisher == "mc":
+                    generator = torch.Generator(device=x.device).manual_seed(_mc_seed(self.seed, step))
+                    targets = self.problem.sample_targets
+                else:
+                    generator, targets = None, x
+                stats = probe.capture(
+                    output,
+                    targets,
+                    self.problem.per_example_loss,
+                    fisher=self.fisher,
+                    mc_samples=self.mc_samples,
+                    generator=generator,
+                )
+        else:
+            output = self.model(x)
+        loss = self.problem.loss(output, x)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), stats
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_output(out: Path, force: bool, resume: bool) -> None:
+    """Fail before the (possibly long) data loading if the run file cannot be written."""
+    if force and resume:
+        raise UserInputError("choose one of force (overwrite) and resume (continue)")
+    if out.is_dir():
+        raise UserInputError(f"cannot write run file {out}: it is a directory")
+    if not out.parent.is_dir():
+        raise UserInputError(f"cannot write run file {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write run file {out}: no permission to write in {out.parent}")
+    if out.exists() and not (force or resume):
+        raise UserInputError(f"run file {out} already exists; overwrite it with force or continue it with resume")
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Path, config_json: str, device: torch.device) -> dict | None:
+    """The checkpoint if it belongs to this configuration, else None (then the run replays)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):  # a damaged one costs a replay
+        return None
+    if state.get("format") != _CHECKPOINT_FORMAT or state.get("config") != config_json:
+        return None
+    return state
+
+
+def record(
+    problem: str = "curves",
+    out: str | os.PathLike = "run.h5",
+    *,
+    optimizer: str = "adam",
+    lr: float | None = None,
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    every: int = DEFAULT_EVERY,
+    layers: str | int | Iterable[int] = "all",
+    fisher: str = "mc",
+    mc_samples: int = 1,
+    dense_budget: int | str = DEFAULT_DENSE_BUDGET,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train ``problem`` and record the Fisher statistics of its layers into ``out``.
+
+    Statistics are recorded at steps ``0, every, 2·every, …`` below the run's length (see
+    the module docstring for what a step means and how resuming works). The file's
+    ``config`` holds the problem, the optimizer and its settings, ``batch_size``, ``seed``,
+    ``fisher_type``, ``mc_samples``, ``every``, ``layers`` and the data set's ``meta``.
+
+    Args:
+        problem: ``curves``, ``mnist``, ``faces`` or a layer-size string (then trained on
+            :func:`synthetic_dataset`).
+        out: the HDF5 run file to write.
+        optimizer: ``adam`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9).
+        lr: learning rate; default 1e-3 for Adam (the paper's), required for SGD.
+        batch_size: examples per step; default the problem's (CURVES 256, MNIST 512,
+            FACES 1024, custom 64).
+        epochs: passes over the training set (default: the paper's, CURVES 40, MNIST 26,
+            FACES 32; custom 10). Exclusive with ``steps``.
+        steps: optimizer steps in the run.
+        every: record every this many steps (K).
+        layers: ``"all"``, one index, ``"1,5"`` or a list of 1-based indices.
+        fisher: ``"mc"`` (targets drawn from the model: the paper's) or ``"empirical"``.
+        mc_samples: target draws per example for ``"mc"`` (k; N = k · batch_size).
+        dense_budget: bytes allowed per dense block (``4 p²``), an int or e.g. ``"1GB"``;
+            smaller blocks are stored densely too; 0 stores statistics only. The default,
+            the store's 1 GiB, admits layer 5 of every problem; compressing the admitted
+            blocks costs 10 to 20 s per recorded step on CURVES and MNIST.
+        seed: seed of the weights, the batch order and the Monte-Carlo targets.
+        data_dir: directory with the original data files (see :mod:`fisherlab.data`).
+        cache_dir: cache of regenerated data sets (CURVES, FACES).
+        device: ``cpu`` or ``cuda``.
+        force: overwrite an existing ``out``.
+        resume: continue ``out`` from its last checkpoint (create it if missing).
+        progress: show a progress bar (step, loss, ETA).
+
+    Returns:
+        The run file's path.
+
+    Raises:
+        UserInputError: for invalid settings, missing data or an unwritable or existing
+            ``out``; nothing is written then.
+        KeyboardInterrupt: when interrupted; every completed step stays in the file (a new
+            file without any completed step is removed).
+    """
+    prob = get_problem(problem)
+    if optimizer not in OPTIMIZERS:
+        raise UserInputError(f"unknown optimizer {optimizer!r}; record drives {', '.join(OPTIMIZERS)}")
+    lr = DEFAULT_LR.get(optimizer) if lr is None else lr
+    if lr is None:
+        raise UserInputError(f"{optimizer} has no default learning rate here; give lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise UserInputError(f"learning rate must be a positive number, got {lr!r}")
+    for name, value in (
+        ("batch size", batch_size),
+        ("epochs", epochs),
+        ("steps", steps),
+        ("every", every),
+        ("mc_samples", mc_samples),
+    ):
+        _check_positive(name, value)
+    if epochs is not None and steps is not None:
+        raise UserInputError("give epochs or steps, not both")
+    if steps is not None and steps > _STEP_LIMIT:
+        raise UserInputError(f"steps must be at most {_STEP_LIMIT:,}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserInputError(f"seed must be a non-negative integer, got {seed!r}")
+    if fisher not in FISHER_TYPES:
+        raise UserInputError(f"unknown fisher type {fisher!r}; valid: {', '.join(FISHER_TYPES)}")
+    if fisher == "empirical" and mc_samples != 1:
+        raise UserInputError("mc_samples applies to fisher='mc' only")
+    chosen = parse_layers(layers, prob.num_layers)
+    budget = parse_size(dense_budget)
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise UserInputError(f"unknown device {device!r}; use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("device cuda requested but no CUDA device is available")
+    out = Path(out)
+    _check_output(out, force, resume)
+
+    data = load_dataset(prob.dataset, data_dir, cache_dir) if prob.dataset else synthetic_dataset(prob)
+    if data.train.shape[1] != prob.layer_sizes[0]:
+        raise UserInputError(
+            f"data set has {data.train.shape[1]} features, problem {prob.name!r} takes {prob.layer_sizes[0]}"
+        )
+    batch_size = prob.batch_size if batch_size is None else int(batch_size)
+    n_train = data.train.shape[0]
+    if batch_size > n_train:
+        raise UserInputError(f"batch size {batch_size} exceeds the {n_train} training examples")
+    steps_per_epoch = n_train // batch_size
+    if steps is None:
+        epochs = PAPER_EPOCHS.get(prob.name, CUSTOM_EPOCHS) if epochs is None else epochs
+        steps = epochs * steps_per_epoch
+        if steps > _STEP_LIMIT:
+            raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
+
+    dev = torch.device(device)
+    model = prob.build_model(seed=seed, device=dev)
+    opt = build_optimizer(optimizer, model, prob, lr=float(lr))
+    settings = {k: v for k, v in opt.defaults.items() if k not in _IMPLEMENTATION_KEYS}
+    config = {
+        "problem": prob.name,
+        "layer_sizes": list(prob.layer_sizes),
+        "output": prob.output,
+        "optimizer": {"name": optimizer, **settings},
+        "batch_size": batch_size,
+        "seed": int(seed),
+        "fisher_type": fisher,
+        "mc_samples": int(mc_samples),
+        "every": int(every),
+        "layers": chosen,
+        "dataset": {k: v for k, v in data.meta.items() if k not in _VOLATILE_META},
+        "dtype": "float32",
+        "steps_per_epoch": steps_per_epoch,
+        "recorded_at": "step s: parameters after s updates, batch of update s+1, before that update",
+    }
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    config = json.loads(config_json)  # plain JSON types, as the file will hold them
+    recorder = Recorder(model, prob, opt, chosen, fisher=fisher, mc_samples=int(mc_samples), seed=int(seed))
+    ckpt_path = checkpoint_path(out)
+    fresh = not (resume and out.exists())
+
+    writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume)
+    if force:
+        ckpt_path.unlink(missing_ok=True)
+    try:
+        _run(
+            recorder,
+            writer,
+            data.train.to(dev),
+            ckpt_path=ckpt_path,
+            config_json=config_json,
+            steps=steps,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            every=every,
+            dense_budget=budget,
+            progress=progress,
+        )
+    except BaseException:
+        recorded_any = writer.last_step is not None
+        writer.close(finished=False)
+        if fresh and not recorded_any:  # an empty file would look like a run; keep nothing
+            with suppress(OSError):
+                out.unlink()
+                ckpt_path.unlink(missing_ok=True)
+        raise
+    writer.close(finished=True)
+    return out
+
+
+def _run(
+    recorder: Recorder,
+    writer: RunWriter,
+    train: Tensor,
+    *,
+    ckpt_path: Path,
+    config_json: str,
+    steps: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    every: int,
+    dense_budget: int,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    device = train.device
+    generator = torch.Generator().manual_seed(recorder.seed)  # the batch order, as fisherlab.training
+    done = writer.last_step  # steps <= done are in the file already
+    first_missing = 0 if done is None else (done // every + 1) * every
+    state = _load_checkpoint(ckpt_path, config_json, device)
+    step = 0
+    # A checkpoint past the first missing step (from another run of this file) would skip it.
+    if state is not None and state["next_step"] <= first_missing:
+        recorder.model.load_state_dict(state["model"])
+        recorder.optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["epoch_rng"].cpu())
+        step = int(state["next_step"])
+
+    bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        while step < steps:
+            epoch = step // steps_per_epoch
+            epoch_rng = generator.get_state()
+            skip = step - epoch * steps_per_epoch
+            for position, index in enumerate(_batches(train.shape[0], batch_size, generator)):
+                if position < skip:
+                    continue
+                capture = step % every == 0 and (done is None or step > done)
+                loss, stats = recorder.train_step(train[index.to(device)], step, capture)
+                if capture:
+                    writer.write_step(step, epoch, loss, stats, dense_budget)
+                step += 1
+                if capture or step == steps:
+                    # The batch order of the rest of this epoch follows from the state at its start.
+                    rng = generator.get_state() if step % steps_per_epoch == 0 else epoch_rng
+                    _save_checkpoint(
+                        ckpt_path,
+                        {
+                            "format": _CHECKPOINT_FORMAT,
+                            "config": config_json,
+                            "next_step": step,
+                            "model": recorder.model.state_dict(),
+                            "optimizer": recorder.optimizer.state_dict(),
+                            "epoch_rng": rng,
+                        },
+                    )
+                bar.set_postfix(loss=f"{loss:.4g}", recorded=writer.last_step, refresh=False)
+                bar.update()
+                if step == steps:
+                    break
+    finally:
+        bar.close()
