@@ -217,6 +217,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Raises:
         ValueError: for an invalid hyperparameter or option (the message names it).
+        TypeError: if ``likelihood`` lacks ``per_example_loss`` or ``sample_targets``.
 
     Attributes:
         diagnostics: a :class:`Diagnostics`.
@@ -271,7 +272,7 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"{method} takes no fit option {', '.join(sorted(unknown))}; it takes {', '.join(options_of(method)) or 'none'}")
         for name in ("per_example_loss", "sample_targets"):
             if not callable(getattr(likelihood, name, None)):
-                raise ValueError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")
+                raise TypeError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")
 
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(model.parameters() if params is None else params, defaults)

@@ -218,7 +218,7 @@ def train(
             for index in _batches(train_data.shape[0], batch_size, generator):
                 x = train_data[index.to(device)]
 
-                def closure() -> Tensor:
+                def closure(x: Tensor = x) -> Tensor:
                     optimizer.zero_grad(set_to_none=True)
                     loss = problem.loss(model(x), x)
                     loss.backward()

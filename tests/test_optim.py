@@ -330,7 +330,7 @@ def test_failed_inverse_falls_back_to_the_gradient(monkeypatch):
 def test_non_finite_gradient_skips_the_layer():
     model = SMALL.build_model(seed=0)
     opt = NaturalGradient(model, SMALL, lr=0.1, damping=1e-2, t_stats=1, t_inv=1)
-    first = [m for m in model if isinstance(m, nn.Linear)][0]
+    first = next(m for m in model if isinstance(m, nn.Linear))
     x = _batches(1)[0]
 
     def closure():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -35,7 +36,7 @@ def test_train_logs_every_epoch_and_every_n_steps(name):
     assert history.column("step") == [0, 3, 4, 6, 8, 9, 12]
     assert history.column("epoch") == [0, 1, 1, 2, 2, 3, 3]
     seconds = history.column("seconds")
-    assert seconds[0] == 0 and all(b >= a for a, b in zip(seconds, seconds[1:]))
+    assert seconds[0] == 0 and all(b >= a for a, b in itertools.pairwise(seconds))
     assert history.rows[-1]["train_loss"] < history.rows[0]["train_loss"]
     assert not history.diverged
 

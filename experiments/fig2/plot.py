@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     if not best_path.exists():
         raise SystemExit(f"{best_path} does not exist; run experiments/fig2/run.py --profile {args.profile} first")
     config = json.loads((HERE / "config.json").read_text())
-    label = config["profiles"][args.profile]["label"]
     order = config["optimizers"]
     best = json.loads(best_path.read_text())
     for problem, by_opt in best.items():

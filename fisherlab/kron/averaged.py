@@ -21,7 +21,11 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.operator import KronSum
-from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockStats, BlockTooLargeError
+from fisherlab.kron.stats import (
+    DEFAULT_MAX_DENSE_ENTRIES,
+    BlockStats,
+    BlockTooLargeError,
+)
 
 
 class AveragedBlock:

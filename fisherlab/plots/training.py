@@ -8,13 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fisherlab.plots.style import color, label, marker  # noqa: E402
+from fisherlab.plots.style import color, label, marker
 
 #: (column on y, column on x, panel title) of the four panels, in reading order.
 PANELS = (
@@ -58,7 +55,9 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
         raise ValueError("no histories to plot")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+    # A Figure, not pyplot: no global backend or figure registry is touched.
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
     for ax, (y_name, x_name, panel) in zip(axes.flat, PANELS):
         for name, history in histories.items():
             try:
@@ -80,7 +79,6 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
         path = out_dir / f"{stem}.{suffix}"
         fig.savefig(path, dpi=150)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
