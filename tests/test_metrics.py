@@ -100,3 +100,18 @@ def test_top_eigenvalues_are_algebraic_for_indefinite_operators():
 def test_min_eigenvalue_bound_is_a_lower_bound(stats):
     op = _indefinite(stats)
     assert op.min_eigenvalue_bound() <= float(torch.linalg.eigvalsh(op.to_dense())[0]) + 1e-14
+
+
+def test_compression_to_the_factor_ranges_keeps_the_spectrum(monkeypatch):
+    from .conftest import _random
+
+    stats = _random(12, 6, 9, 8)  # N = 6 < m, n: fitted factors have rank ≤ 6
+    for method in ("deflation", "kfac_corrected", "gram_svd"):
+        op = fit(method, stats).op
+        small = op.compressed()
+        assert small.d_act <= 6 and small.d_grad <= 6
+        lam = torch.linalg.eigvalsh(op.to_dense()).flip(0)
+        assert torch.allclose(op.eigenvalues(), lam, atol=1e-12 * lam[0])
+        monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+        assert torch.allclose(op.eigenvalues(5), lam[:5], atol=1e-12 * lam[0])
+        monkeypatch.undo()

@@ -109,12 +109,13 @@ class KronSum:
     def eigenvalues(self, k: int | None = None, tol: float = 1e-8) -> Tensor:
         """The ``k`` algebraically largest eigenvalues (all ``p`` when ``k`` is None), descending.
 
-        One term: the exact products ``α_i γ_k``. Several terms: a dense eigvalsh up to
-        :data:`DENSE_EIG_LIMIT` or when ``k`` is a sizeable fraction of ``p``, else the
-        implicitly restarted Lanczos method on the weight-shape product
-        (:func:`~fisherlab.kron.topeig.top_eigenvalues`; "largest" is algebraic, so
-        indefinite sums are handled) with relative accuracy ``tol``. Factors are symmetrized
-        first.
+        One term: the exact products ``α_i γ_k``. Several terms: the sum is first restricted
+        to the joint ranges of its factors (:meth:`compressed`; the other eigenvalues are
+        zero); then a dense eigvalsh up to :data:`DENSE_EIG_LIMIT` or when ``k`` is a sizeable
+        fraction of the size, else the implicitly restarted Lanczos method on the
+        weight-shape product (:func:`~fisherlab.kron.topeig.top_eigenvalues`; "largest" is
+        algebraic, so indefinite sums are handled) with relative accuracy ``tol``. Factors
+        are symmetrized first.
         """
         sym = self.symmetrized()
         k = self.p if k is None else min(k, self.p)
@@ -122,14 +123,34 @@ class KronSum:
             ea = torch.linalg.eigvalsh(sym.act[0])
             eg = torch.linalg.eigvalsh(sym.grad[0])
             return torch.sort((ea[:, None] * eg[None, :]).flatten(), descending=True).values[:k]
-        if self.p <= DENSE_EIG_LIMIT or 16 * k >= self.p:
-            return torch.linalg.eigvalsh(sym.to_dense(max_entries=self.p**2)).flip(0)[:k]
-        n, m = self.d_grad, self.d_act
+        small = sym.compressed()
+        zeros = sym.act.new_zeros(min(k, self.p - small.p))
+        kk = min(k, small.p)
+        if small.p <= DENSE_EIG_LIMIT or 16 * kk >= small.p:
+            top = torch.linalg.eigvalsh(small.to_dense(max_entries=small.p**2)).flip(0)[:kk]
+        else:
+            n, m = small.d_grad, small.d_act
 
-        def matvec(v: Tensor) -> Tensor:  # any fixed flattening of X (n × m) will do
-            return sym.matvec(v.reshape(n, m)).reshape(-1)
+            def matvec(v: Tensor) -> Tensor:  # any fixed flattening of X (n × m) will do
+                return small.matvec(v.reshape(n, m)).reshape(-1)
 
-        return top_eigenvalues(matvec, self.p, k, self.act.dtype, self.act.device, tol=tol)
+            top = top_eigenvalues(matvec, small.p, kk, self.act.dtype, self.act.device, tol=tol)
+        return torch.sort(torch.cat([top, zeros]), descending=True).values[:k]
+
+    def compressed(self) -> KronSum:
+        """The same sum restricted to the joint ranges of its factors (exact up to rounding).
+
+        With ``Q_a`` an orthonormal basis of ``Σ_j range(A_j)`` and ``Q_g`` likewise,
+        ``F̂ = (Q_a ⊗ Q_g) (Σ_j Q_aᵀA_jQ_a ⊗ Q_gᵀG_jQ_g) (Q_a ⊗ Q_g)ᵀ``: the nonzero
+        eigenvalues are those of the smaller sum. Fitted factors are re-weighted sums of
+        ``a_n a_nᵀ`` (or ``g_n g_nᵀ``), so their ranges have dimension at most N: a layer with
+        more inputs or outputs than samples shrinks (CURVES layer 1: p = 314,000 → 66,000).
+        Directions below ``1e3 ε`` of the largest are dropped.
+        """
+        qa, qg = _joint_range(self.act), _joint_range(self.grad)
+        if qa.shape[1] == self.d_act and qg.shape[1] == self.d_grad:
+            return self
+        return KronSum(qa.mT @ self.act @ qa, qg.mT @ self.grad @ qg)
 
     def min_eigenvalue_bound(self) -> float:
         """A lower bound on ``λ_min(F̂)``: ``Σ_j λ_min(A_j ⊗ G_j)`` (Weyl's inequality)."""
@@ -138,3 +159,14 @@ class KronSum:
         eg = torch.linalg.eigvalsh(sym.grad)[:, [0, -1]]
         products = ea[:, :, None] * eg[:, None, :]
         return float(products.flatten(1).min(dim=1).values.sum())
+
+
+def _joint_range(factors: Tensor) -> Tensor:
+    """Orthonormal basis (columns) of the sum of the ranges of stacked factors.
+
+    From the SVD of ``[F_1, F_2, …]`` (not the eigenvalues of ``Σ F_j F_jᵀ``, which square
+    the condition number), keeping singular values above ``1e3 ε`` of the largest.
+    """
+    u, sigma, _ = torch.linalg.svd(torch.cat(list(factors), dim=1), full_matrices=False)
+    keep = sigma > 1e3 * torch.finfo(sigma.dtype).eps * sigma[0].clamp_min(torch.finfo(sigma.dtype).tiny)
+    return u[:, keep]
