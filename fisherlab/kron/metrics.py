@@ -53,7 +53,7 @@ class ExactReference:
 
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known, the unknown part of
         ``Σ_{i≤N} λ_i(F) μ_i`` lies in ``T · [μ_lo, μ_k]`` with ``T = Σ_{k<i≤N} λ_i(F)`` and
-        ``μ_lo`` a lower bound on ``λ_min(F̂)``; ``k`` doubles from 32 until the resulting
+        ``μ_lo`` = ``λ_min(F̂)`` (less its tolerance); ``k`` doubles from 32 until the resulting
         interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N`` (exact).
         ``rtol = 0`` asks for all N at once, to machine precision. One-term and small sums
         are always exact. The eigensolver's own accuracy (``tol``, relative) widens the
@@ -69,7 +69,9 @@ class ExactReference:
         base = self.norm2 + approx.inner(approx)
         exact = rtol <= 0 or approx.rank == 1 or approx.p <= DENSE_EIG_LIMIT
         k = k_all if exact else min(k_all, 32)
-        mu_lo = None if exact else approx.min_eigenvalue_bound()
+        if not exact:  # a certified lower bound on every unknown μ_i
+            mu_min = approx.min_eigenvalue(tol)
+            mu_lo = mu_min - tol * abs(mu_min)
         norm = self.norm2.sqrt()
         tol = 0.0 if exact else tol
         while True:
@@ -77,7 +79,7 @@ class ExactReference:
             known = (lam_f[:k] * lam_hat).sum()
             slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # |θ_i − μ_i| ≤ tol |θ_i| (ARPACK)
             tail = lam_f[k:].sum()
-            lo_mu = lam_hat[-1] if mu_lo is None else min(lam_hat[-1], mu_lo)
+            lo_mu = lam_hat[-1] if exact else min(lam_hat[-1], mu_lo)
             e_lo = float((base - 2 * (known + slack + tail * lam_hat[-1])).clamp_min(0).sqrt() / norm)
             e_hi = float((base - 2 * (known - slack + tail * lo_mu)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
