@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes.sort(key=lambda s: SIZES[s].p if s != "mnist1" else float("inf"))
 
     print(f"fisherlab.kron benchmark: dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} repeat={args.repeat}")
+          f"torch={torch.__version__} repeat={args.repeat} "
+          f"loadavg={os.getloadavg()[0]:.1f} (timings of small calls are unreliable when this exceeds the cores)")
     for s in sizes:
         z = SIZES[s]
         print(f"  {z.name}: d_in={z.d_in} -> d_out={z.d_out}, p={z.p:,}, N={z.n}")
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             del f
         results["mnist1"] = bench_mnist1(dtype, args.repeat, table, ref_eig)
 
-    print("Targets")
+    print(f"Targets (loadavg now {os.getloadavg()[0]:.1f})")
     ok_all = True
     for s, r in results.items():
         if s == "mnist1":
