@@ -316,6 +316,7 @@ def record(
     device: str = "cpu",
     force: bool = False,
     resume: bool = False,
+    compression: str = "gzip",
     progress: bool = True,
 ) -> Path:
     """Train ``problem`` and record the Fisher statistics of its layers into ``out``.
@@ -350,6 +351,7 @@ def record(
         device: ``cpu`` or ``cuda``.
         force: overwrite an existing ``out``.
         resume: continue ``out`` from its last checkpoint (create it if missing).
+        compression: of the HDF5 datasets, ``"gzip"``, ``"lzf"`` or ``"none"``.
         progress: show a progress bar (step, loss, ETA).
 
     Returns:
@@ -438,7 +440,7 @@ def record(
     ckpt_path = checkpoint_path(out)
     fresh = not (resume and out.exists())
 
-    writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume)
+    writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume, compression=compression)
     if force:
         ckpt_path.unlink(missing_ok=True)
     try:

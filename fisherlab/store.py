@@ -19,8 +19,13 @@ skip incomplete groups and ``RunWriter(..., resume=True)`` deletes them. ``finis
 only when the writer closes normally. This survives a killed process, not a power cut (no
 fsync).
 
-Size: datasets are chunked and compressed with byte shuffle + gzip level 4 (portable to any
-HDF5 tool). A recorded MNIST step (8 layers, N = 512, an Adam run's step-0 statistics on
+Precision: ``a``, ``g`` and ``fisher`` are float32 (the contract), except that statistics
+recorded in float64 are kept in float64, so that no digit is lost where one was asked for.
+
+Size and speed: datasets are chunked and compressed, gzip level 4 by default (portable to
+any HDF5 tool); ``compression="lzf"`` (h5py's fast filter) or ``"none"`` trade size for
+write time: writing a recorded MNIST step (statistics only) takes about 0.58 s with gzip-4,
+0.34 s with lzf and 0.01 s uncompressed, against 0.12 s for an Adam step. A recorded MNIST step (8 layers, N = 512, an Adam run's step-0 statistics on
 real MNIST) takes 11.6 MB for ``a`` and ``g`` (raw 17.7 MB); the dense blocks that
 :data:`DEFAULT_DENSE_BUDGET` admits (layers 4 and 5, p = 7,530 and 7,750) add 420 MB (raw
 467 MB) and about 20 s of compression on one CPU core. Pass ``dense_budget=0`` to
@@ -51,7 +56,13 @@ FORMAT_VERSION = 1
 #: three problems (FACES: p = 15,500, 961 MB) and nothing larger than FACES layer 4.
 DEFAULT_DENSE_BUDGET = 2**30
 
-_FILTERS = {"chunks": True, "compression": "gzip", "compression_opts": 4}
+#: Dataset filters by compression name.
+COMPRESSIONS = {
+    "gzip": {"chunks": True, "compression": "gzip", "compression_opts": 4},
+    "lzf": {"chunks": True, "compression": "lzf"},
+    "none": {},
+}
+_FILTERS = COMPRESSIONS["gzip"]
 _STEP_LIMIT = 10**8  # step names have 8 digits
 
 
@@ -143,6 +154,7 @@ class RunWriter:
         layers: ``{index: (d_in, d_out)}`` of the recorded layers (1-based indices), e.g.
             :attr:`fisherlab.probe.FisherProbe.layer_shapes`.
         force: overwrite an existing file.
+        compression: ``"gzip"`` (default), ``"lzf"`` or ``"none"`` (see the module docstring).
         resume: continue an existing file (its config and layers must equal these); its
             incomplete steps are deleted and :attr:`last_step` tells where it stopped. A
             missing file is created.
@@ -162,7 +174,11 @@ class RunWriter:
         *,
         force: bool = False,
         resume: bool = False,
+        compression: str = "gzip",
     ):
+        if compression not in COMPRESSIONS:
+            raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
+        self._filters = COMPRESSIONS[compression]
         if force and resume:
             raise UserInputError("choose one of force (overwrite) and resume (continue)")
         self.path = Path(path)
@@ -277,11 +293,11 @@ class RunWriter:
             for i in self.layers:
                 stats = stats_by_layer[i]
                 layer = group.create_group(f"layer{i}")
-                layer.create_dataset("a", data=_float32(stats.a), **_FILTERS)
-                layer.create_dataset("g", data=_float32(stats.g), **_FILTERS)
+                layer.create_dataset("a", data=_stored(stats.a), **self._filters)
+                layer.create_dataset("g", data=_stored(stats.g), **self._filters)
                 if 4 * stats.p**2 <= dense_budget:
                     dense = stats.to_dense(max_entries=stats.p**2)
-                    layer.create_dataset("fisher", data=_float32(dense), **_FILTERS)
+                    layer.create_dataset("fisher", data=_stored(dense), **self._filters)
 
         _write_group(self._file, f"steps/{name}", fill)
         self.last_step = int(step) if self.last_step is None else max(self.last_step, int(step))
@@ -300,8 +316,10 @@ class RunWriter:
         self.close(finished=exc_type is None)
 
 
-def _float32(x: Tensor) -> np.ndarray:
-    return x.detach().to(device="cpu", dtype=torch.float32).numpy()
+def _stored(x: Tensor) -> np.ndarray:
+    """float32 (the contract), or float64 for statistics that are float64."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.detach().to(device="cpu", dtype=dtype).numpy()
 
 
 class RunReader:

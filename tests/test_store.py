@@ -268,3 +268,20 @@ def test_analysis_groups(tmp_path):
         with pytest.raises(UserInputError, match="no lanczos result"):
             reader.read_analysis(10, 1, "lanczos")
         assert reader.steps() == [0, 5, 10]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+def test_compressions_and_float64_statistics_round_trip_exactly(tmp_path, compression):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    a[:, 0] = 1
+    stats = BlockStats(a, torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    path = tmp_path / "run.h5"
+    with RunWriter(path, {"problem": "x"}, {1: (3, 3)}, compression=compression) as writer:
+        writer.write_step(0, 0, 1.0, {1: stats})
+    with RunReader(path) as reader:
+        back = reader.stats(0, 1)
+        assert torch.equal(back.a, stats.a) and torch.equal(back.g, stats.g)  # float64 kept
+        assert torch.equal(reader.dense(0, 1), stats.to_dense())
+    with pytest.raises(UserInputError, match="unknown compression"):
+        RunWriter(tmp_path / "other.h5", {}, {1: (3, 3)}, compression="zstd")

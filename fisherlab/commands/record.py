@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the weights, batch order and Monte-Carlo targets (default: 0)"
     )
+    parser.add_argument(
+        "--compression", default="gzip", choices=("gzip", "lzf", "none"),
+        help="HDF5 compression: gzip (smallest, portable), lzf (faster), none (fastest) (default: gzip)",
+    )
     parser.add_argument("--data-dir", help="directory with the original data files (default: $FISHERLAB_DATA_DIR)")
     parser.add_argument("--cache-dir", help="cache of regenerated data sets (default: $FISHERLAB_CACHE_DIR)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             force=args.force,
             resume=args.resume,
+            compression=args.compression,
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:

@@ -1,0 +1,109 @@
+import csv
+
+import pytest
+import torch
+
+from fisherlab.analysis import COLUMNS, analyze, load_results
+from fisherlab.cli import main
+from fisherlab.kron import BlockStats, fit
+from fisherlab.kron.metrics import dense_error1, dense_error2
+from fisherlab.store import RunReader, RunWriter
+
+LAYERS = {1: (4, 3), 2: (3, 5)}
+
+
+def _stats(gen, n, d_in, d_out):
+    a = torch.relu(torch.randn(n, d_in + 1, generator=gen, dtype=torch.float64))
+    a[:, 0] = 1
+    return BlockStats(a, 1e-3 * torch.randn(n, d_out, generator=gen, dtype=torch.float64))
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    """A tiny recorded run: three steps, two layers, float64 statistics and dense blocks."""
+    path = tmp_path / "run.h5"
+    gen = torch.Generator().manual_seed(0)
+    with RunWriter(path, {"problem": "synthetic", "fisher_type": "mc", "batch_size": 9}, LAYERS) as writer:
+        for k, step in enumerate((0, 5, 10)):
+            stats = {i: _stats(gen, 9, *dims) for i, dims in LAYERS.items()}
+            writer.write_step(step, k, 1.0 / (k + 1), stats)
+    return path
+
+
+def test_errors_equal_dense_computations_from_the_stored_blocks(run_file, tmp_path):
+    table = analyze(run_file, out_dir=tmp_path / "out", progress=False, tol=1e-12, error2_rtol=0)
+    rows = list(csv.DictReader(open(table)))
+    assert tuple(rows[0].keys()) == COLUMNS
+    assert len(rows) == 3 * 2 * 6
+    with RunReader(run_file) as reader:
+        for row in rows:
+            step, layer = int(row["step"]), int(row["layer"])
+            dense = reader.dense(step, layer)
+            approx = fit(row["method"], reader.stats(step, layer), **({"tol": 1e-12} if row["method"] not in ("kfac", "gram_svd") else {}))
+            dense_hat = approx.op.to_dense()
+            assert float(row["error1"]) == pytest.approx(dense_error1(dense, dense_hat), rel=1e-8)
+            assert float(row["error2"]) == pytest.approx(dense_error2(dense, dense_hat), rel=1e-8, abs=1e-10)
+
+
+def test_warm_start_is_used_after_the_first_step(run_file):
+    analyze(run_file, methods=["deflation"], progress=False)
+    rows = load_results(run_file).rows
+    assert [r["warm_started"] for r in rows if r["layer"] == 1] == [False, True, True]
+
+
+def test_resumed_analysis_gives_the_same_table(run_file, tmp_path, monkeypatch):
+    full = tmp_path / "full.h5"
+    full.write_bytes(run_file.read_bytes())
+    ref = open(analyze(full, out_dir=tmp_path / "a", progress=False, warm_start=False)).read()
+
+    import fisherlab.analysis as analysis_module
+
+    calls = {"n": 0}
+    real_fit = analysis_module.fit
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # killed mid-way
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(analysis_module, "fit", dying_fit)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(run_file, out_dir=tmp_path / "b", progress=False, warm_start=False)
+    monkeypatch.setattr(analysis_module, "fit", real_fit)
+    resumed = open(analyze(run_file, out_dir=tmp_path / "b", progress=False, warm_start=False)).read()
+
+    def strip_timing(text):
+        rows = list(csv.DictReader(text.splitlines()))
+        return [{k: v for k, v in r.items() if k not in ("seconds", "error_seconds")} for r in rows]
+
+    assert strip_timing(resumed) == strip_timing(ref)
+
+
+def test_results_expose_spectra_and_profiles(run_file):
+    analyze(run_file, methods=["kfac", "lanczos"], progress=False)
+    results = load_results(run_file)
+    assert results.methods == ["kfac", "lanczos"] and results.layers == [1, 2] and results.steps == [0, 5, 10]
+    spectra = results.spectra(5, 2)
+    assert set(spectra) == {"exact_block", "kfac", "lanczos"}
+    assert spectra["exact_block"].shape == (9,)
+    steps, profiles = results.profiles(1)
+    assert steps == [0, 5, 10] and profiles[0][0] >= profiles[0][-1]
+
+
+def test_cli_analyze_and_bad_input(run_file, tmp_path, capsys):
+    assert main(["analyze", str(run_file), "--methods", "kfac,kpsvd", "--quiet"]) == 0
+    assert (run_file.parent / "errors.csv").exists()
+    capsys.readouterr()
+    for argv in (
+        ["analyze", str(tmp_path / "missing.h5")],
+        ["analyze", str(run_file), "--methods", "kfac,magic"],
+        ["analyze", str(run_file), "--analysis-layers", "7"],
+        ["analyze", str(run_file), "--rank", "0"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error" in err, (argv, err)
+    foreign = tmp_path / "foreign.h5"
+    foreign.write_text("not hdf5")
+    assert main(["analyze", str(foreign)]) == 2
