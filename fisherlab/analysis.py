@@ -67,7 +67,7 @@ def analyze(
     device: str = "cpu",
     warm_start: bool = True,
     tol: float = 1e-6,
-    error2_rtol: float = 1e-4,
+    error2_rtol: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Analyze a run file; returns the path of the ``errors.csv`` written into ``out_dir``.

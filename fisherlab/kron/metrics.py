@@ -53,7 +53,8 @@ class ExactReference:
 
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known, the unknown part of
         ``Σ_{i≤N} λ_i(F) μ_i`` lies in ``T · [μ_lo, μ_k]`` with ``T = Σ_{k<i≤N} λ_i(F)`` and
-        ``μ_lo`` = ``λ_min(F̂)`` (less its tolerance); ``k`` doubles from 32 until the resulting
+        ``μ_lo ≤ λ_min(F̂)`` Weyl's bound (cheap: computing ``λ_min`` itself converges slowly,
+        the bottom of the spectrum being clustered at zero); ``k`` doubles from 32 until the resulting
         interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N`` (exact).
         ``rtol = 0`` asks for all N at once, to machine precision. One-term and small sums
         are always exact. The eigensolver's own accuracy (``tol``, relative) widens the
@@ -69,9 +70,7 @@ class ExactReference:
         base = self.norm2 + approx.inner(approx)
         exact = rtol <= 0 or approx.rank == 1 or approx.p <= DENSE_EIG_LIMIT
         k = k_all if exact else min(k_all, 32)
-        if not exact:  # a certified lower bound on every unknown μ_i
-            mu_min = approx.min_eigenvalue(tol)
-            mu_lo = mu_min - tol * abs(mu_min)
+        mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i
         norm = self.norm2.sqrt()
         tol = 0.0 if exact else tol
         while True:
