@@ -99,22 +99,27 @@ def timeit(fn: Callable[[], object], repeat: int, budget: float = 20.0) -> tuple
     return best, out
 
 
-def _error2_child(a, g, act, grad, conn) -> None:
+def _error2(stats: BlockStats, approx, rtol: float = 0.0) -> float:
+    # rtol > 0: certified truncated Error 2 (fisherlab.kron.metrics.error2's rtol), if available.
+    return error2(stats, approx, rtol=rtol) if rtol else error2(stats, approx)
+
+
+def _error2_child(a, g, act, grad, rtol, conn) -> None:
     from fisherlab.kron import KronSum
 
     stats, approx = BlockStats(a, g), KronSum(act, grad)
     t0 = time.perf_counter()
-    out = error2(stats, approx)
+    out = _error2(stats, approx, rtol)
     conn.send((time.perf_counter() - t0, out))
 
 
-def error2_with_timeout(stats: BlockStats, approx, timeout: float) -> tuple[float, float | None, bool]:
+def error2_with_timeout(stats: BlockStats, approx, timeout: float, rtol: float = 0.0) -> tuple[float, float | None, bool]:
     """``error2`` once in a spawned child (fork is unsafe after OpenMP has run); returns
     (seconds, value, finished). A child still running after ``timeout`` seconds of its own
     compute is terminated and ``timeout`` is reported as a lower bound."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_error2_child, args=(stats.a, stats.g, approx.act, approx.grad, send), daemon=True)
+    proc = ctx.Process(target=_error2_child, args=(stats.a, stats.g, approx.act, approx.grad, rtol, send), daemon=True)
     proc.start()
     # Allow ~30 s for the child to start (imports) on a loaded machine.
     if recv.poll(timeout + 30):
@@ -143,7 +148,7 @@ class Table:
 
 
 def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, ref: dict,
-                 e2_timeout: float | None = None) -> dict:
+                 e2_timeout: float | None = None, e2_rtol: float = 0.0) -> dict:
     """One layer-5 size. ``dense_eig=False`` estimates the dense eigvalsh rows by O(p³) from ``ref``."""
     stats = synthetic_stats(size, dtype)
     m, nn = stats.d_act, stats.d_grad
@@ -201,9 +206,9 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
         else:
             t_deig, lam_hat = est("eig_hat"), None
         if approx.rank > 1 and approx.p > 2048 and e2_timeout:
-            t_fe2, fe2, done = error2_with_timeout(stats, approx, e2_timeout)
+            t_fe2, fe2, done = error2_with_timeout(stats, approx, e2_timeout, e2_rtol)
         else:
-            (t_fe2, fe2), done = timeit(lambda: error2(stats, approx), repeat), True
+            (t_fe2, fe2), done = timeit(lambda: _error2(stats, approx, e2_rtol), repeat), True
         note = f"E2={fe2:.4g}" if done else f"E2 stopped after {e2_timeout:g} s"
         if lam_hat is not None:
             de2 = float(torch.linalg.vector_norm(lam_f - lam_hat) / torch.linalg.vector_norm(lam_f))
@@ -244,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2-timeout", type=float, default=600.0,
                     help="stop a matrix-free Error 2 (ARPACK path) after this many seconds and report a bound "
                          "(0: no limit)")
+    ap.add_argument("--e2-rtol", type=float, default=0.0,
+                    help="relative accuracy asked of the matrix-free Error 2 (0: exact, all N eigenvalues)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes.sort(key=lambda s: SIZES[s].p if s != "mnist1" else float("inf"))
 
     print(f"fisherlab.kron benchmark: dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} repeat={args.repeat} "
+          f"torch={torch.__version__} repeat={args.repeat} e2_rtol={args.e2_rtol:g} "
           f"loadavg={os.getloadavg()[0]:.1f} (timings of small calls are unreliable when this exceeds the cores)")
     for s in sizes:
         z = SIZES[s]
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if measure and s != "faces":
             ref.pop("eig", None)
             ref.pop("eig_hat", None)
-        results[s] = bench_layer5(SIZES[s], dtype, args.repeat, table, measure, ref, args.e2_timeout)
+        results[s] = bench_layer5(SIZES[s], dtype, args.repeat, table, measure, ref, args.e2_timeout, args.e2_rtol)
 
     ref_eig = None
     if "mnist1" in sizes:
