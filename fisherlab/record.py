@@ -55,7 +55,7 @@ from fisherlab.kron import BlockStats
 from fisherlab.probe import FISHER_TYPES, FisherProbe
 from fisherlab.problems import Problem, get_problem
 from fisherlab.store import DEFAULT_DENSE_BUDGET, RunWriter
-from fisherlab.training import _batches, build_optimizer
+from fisherlab.training import batch_indices, build_optimizer
 
 #: Optimizers ``record`` drives (the natural-gradient ones run a probe of their own).
 OPTIMIZERS = ("adam", "sgd")
@@ -504,7 +504,7 @@ def _run(
             epoch = step // steps_per_epoch
             epoch_rng = generator.get_state()
             skip = step - epoch * steps_per_epoch
-            for position, index in enumerate(_batches(train.shape[0], batch_size, generator)):
+            for position, index in enumerate(batch_indices(train.shape[0], batch_size, generator)):
                 if position < skip:
                     continue
                 capture = step % every == 0 and (done is None or step > done)

@@ -146,7 +146,7 @@ def evaluate(model: nn.Module, problem: Problem, data: Tensor, chunk: int = 4096
     return total / data.shape[0]
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     # Incomplete last batches are dropped: every Fisher estimate uses the same batch size.
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
@@ -215,7 +215,7 @@ def train(
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     try:
         for epoch in range(1, epochs + 1):
-            for index in _batches(train_data.shape[0], batch_size, generator):
+            for index in batch_indices(train_data.shape[0], batch_size, generator):
                 x = train_data[index.to(device)]
 
                 def closure(x: Tensor = x) -> Tensor:
