@@ -20,6 +20,7 @@ at most 2.5x plain Adam; unrecorded steps at most 1.05x.
 Usage:
     python benchmarks/bench_record.py                      # curves and mnist, 20 steps a mode
     python benchmarks/bench_record.py --problems mnist --steps 40 --threads 2 --no-dense
+    python benchmarks/bench_record.py --no-dense --compression none   # the write without gzip
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _data(name: str, batch: int, count: int) -> tuple[list[torch.Tensor], str]:
     return [train[order[i * batch : (i + 1) * batch]].contiguous() for i in range(count)], source
 
 
-def bench(name: str, steps: int, dense: bool, workdir: Path) -> None:
+def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -> None:
     """Time the four modes on one problem and print its table."""
     problem = get_problem(name)
     batches, source = _data(name, problem.batch_size, 8)
@@ -65,7 +66,7 @@ def bench(name: str, steps: int, dense: bool, workdir: Path) -> None:
     layers = list(range(1, problem.num_layers + 1))
     recorder = Recorder(model, problem, adam, layers)
     out = workdir / f"{name}.h5"
-    writer = RunWriter(out, {"problem": name}, recorder.probe.layer_shapes, force=True)
+    writer = RunWriter(out, {"problem": name}, recorder.probe.layer_shapes, force=True, compression=compression)
     ckpt = workdir / f"{name}.resume.pt"
     counter = iter(range(10**8))
     recorded_bytes = []
@@ -157,11 +158,12 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine a second one mostly spins)",
     )
     parser.add_argument("--no-dense", action="store_true", help="skip the one-step dense write")
+    parser.add_argument("--compression", default="gzip", choices=("gzip", "lzf", "none"), help="of the run file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.problems:
-            bench(name, args.steps, not args.no_dense, Path(tmp))
+            bench(name, args.steps, not args.no_dense, Path(tmp), args.compression)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ generator seeded with ``seed`` (one permutation per epoch, incomplete last batch
 and the Monte-Carlo targets of step ``s`` from a generator seeded from ``(seed, s)``: one
 seed gives the same file on a given device.
 
-Resuming. After every recorded step (and at the end of the run) the model, the optimizer
-state and the batch generator's state are saved atomically (temporary file + rename) to
+Resuming. After a recorded step, at most every :data:`CHECKPOINT_INTERVAL_S` seconds, and at
+the end of the run, the model, the optimizer state and the batch generator's state are saved
+atomically (temporary file + rename) to
 ``<out stem>.resume.pt`` beside the run file (:func:`checkpoint_path`). ``resume=True``
 restores them and continues after the checkpointed step; recorded steps already in the
 file are not written again. Without a usable checkpoint it replays the run from step 0,
@@ -41,6 +42,7 @@ import math
 import os
 import pickle
 import re
+import time
 from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
@@ -67,6 +69,8 @@ CUSTOM_EPOCHS = 10
 #: Record at step 0 and every this many steps: about once an epoch on the paper's problems,
 #: so that a paper-length run keeps 25 to 26 steps.
 DEFAULT_EVERY = 100
+#: Seconds between resume checkpoints (taken after a recorded step, and at the end).
+CHECKPOINT_INTERVAL_S = 30.0
 #: Synthetic data of custom problems: sizes and the seed of their one random stream.
 SYNTHETIC_SIZES = (1024, 256)
 SYNTHETIC_SEED = 0
@@ -499,6 +503,7 @@ def _run(
         step = int(state["next_step"])
 
     bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step", dynamic_ncols=True)
+    last_checkpoint = time.monotonic()
     try:
         while step < steps:
             epoch = step // steps_per_epoch
@@ -512,7 +517,11 @@ def _run(
                 if capture:
                     writer.write_step(step, epoch, loss, stats, dense_budget)
                 step += 1
-                if capture or step == steps:
+                # Checkpoints cost about as much as a CURVES step: at most one per interval;
+                # a resume replays the few steps since the last one (the run is deterministic).
+                due = capture and time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL_S
+                if due or step == steps:
+                    last_checkpoint = time.monotonic()
                     # The batch order of the rest of this epoch follows from the state at its start.
                     rng = generator.get_state() if step % steps_per_epoch == 0 else epoch_rng
                     _save_checkpoint(

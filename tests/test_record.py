@@ -253,6 +253,7 @@ def _interrupt_at(monkeypatch, at_step: int) -> None:
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["from-checkpoint", "replayed"])
 def test_cli_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, capsys, monkeypatch, checkpoint):
+    monkeypatch.setattr("fisherlab.record.CHECKPOINT_INTERVAL_S", 0.0)  # one after every recorded step
     whole, cut = tmp_path / "whole.h5", tmp_path / "cut.h5"
     args = ["--problem", PROBLEM, "--steps", "40", "--every", "6"]
     assert _cli(*args, "--out", str(whole)) == 0
