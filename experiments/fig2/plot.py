@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     best = json.loads(best_path.read_text())
     for problem, by_opt in best.items():
         histories = {name: History.read_csv(HERE / by_opt[name]["history"]) for name in order if name in by_opt}
-        paths = plot_histories(histories, HERE / "figures", f"fig2 {problem} {args.profile}")
+        paths = plot_histories(histories, HERE.parents[1] / "figures", f"fig2 {problem} {args.profile}")
         for path in paths:
             print(path.relative_to(HERE))
     return 0
