@@ -1,0 +1,319 @@
+"""Seconds to analyze one recorded MNIST step: dense path against matrix-free path (issue #4).
+
+One step of the MNIST auto-encoder (784-1000-500-250-30-250-500-1000-784, N = 512) is
+recorded once (``fisherlab.record.record``, all eight layers, no dense blocks) into
+``--workdir`` and reused by later runs. Then, in float64, for the five methods of the paper
+(kfac, kpsvd, deflation, lanczos, kfac_corrected; ranks and tolerance as ``fisherlab
+analyze``):
+
+    dense (layer 5 only, p = 7,750):
+        F = stats.to_dense(); eigvalsh(F);
+        per method: fit + F̂ = approx.to_dense() + dense_error1 + eigvalsh(F̂) (Error 2)
+    matrix-free (layer 5 alone, and all eight layers):
+        ExactReference(stats) (‖F‖ and the top N eigenvalues of F);
+        per method: fit + ref.error1 + ref.error2(rtol)   for rtol = 1e-4 (the analysis
+        default) and rtol = 1e-2, reported as separate rows
+
+Error 2 of a multi-term sum above the dense-eigenvalue limit runs in a spawned child and is
+stopped after ``--error2-timeout-s`` seconds of its own compute ('timeout': the matrix-free
+total is then a lower bound, printed with '>'). If the rtol = 1e-2 run of a (layer, method)
+times out, the rtol = 1e-4 one is not attempted (it needs at least the same work) and is
+reported as a timeout too. Rows print as they are measured.
+
+Target (PASS/FAIL at the end): all eight layers matrix-free in less time than the dense
+path takes for layer 5 alone.
+
+Run with OMP_NUM_THREADS=1 on a shared machine (oversubscribed threads make timings noisy).
+
+To measure a fixed commit while the working tree is being edited, export it and put it first
+on the path: ``git archive HEAD fisherlab | tar -x -C /tmp/head; PYTHONPATH=/tmp/head python …``
+(the spawned Error 2 children inherit PYTHONPATH).
+
+Usage:
+    OMP_NUM_THREADS=1 python benchmarks/bench_analysis.py --workdir /tmp/fisherlab-bench
+    python benchmarks/bench_analysis.py --layers 5 --error2-timeout-s 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fisherlab.kron import BlockStats, ExactReference, KronSum, dense_error1, fit
+from fisherlab.kron.fitters import options_of
+from fisherlab.kron.operator import DENSE_EIG_LIMIT
+
+METHODS5 = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
+MNIST = "784-1000-500-250-30-250-500-1000-784"
+RTOLS = (1e-4, 1e-2)
+FIT_TOL = 1e-6  # fisherlab.analysis.analyze's default tol
+
+
+def load_avg() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def recorded_step(workdir: Path) -> tuple[Path, str]:
+    """The cached one-step MNIST run file (recorded on first use); returns (path, data note)."""
+    from fisherlab.errors import DataNotFoundError
+    from fisherlab.record import record
+    from fisherlab.store import RunReader
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for problem, name in (("mnist", "mnist_1step.h5"), (MNIST, "synthetic_1step.h5")):
+        path = workdir / name
+        if path.is_file():
+            try:
+                with RunReader(path) as reader:
+                    if reader.steps():
+                        return path, problem
+            except Exception:  # a damaged cache: record again
+                pass
+        t0 = time.perf_counter()
+        try:
+            record(problem, path, steps=1, every=1, layers="all", dense_budget=0, progress=False, force=True)
+        except DataNotFoundError as exc:
+            print(f"  MNIST data not found ({exc}); falling back to problem {MNIST!r} on synthetic data", flush=True)
+            continue
+        print(f"  recorded {problem} step into {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+        return path, problem
+    raise RuntimeError("could not record a step")
+
+
+def fit_default(method: str, stats: BlockStats):
+    options = {"tol": FIT_TOL} if "tol" in options_of(method) else {}
+    return fit(method, stats, **options)
+
+
+# -- Error 2 with a time cap ------------------------------------------------------------------
+def _error2_child(a, g, act, grad, rtol, conn) -> None:
+    ref = ExactReference(BlockStats(a, g))
+    _ = ref.eigenvalues  # counted in the parent's ExactReference row, not here
+    approx = KronSum(act, grad)
+    t0 = time.perf_counter()
+    out = ref.error2(approx, rtol=rtol)
+    conn.send((time.perf_counter() - t0, out.value, out.halfwidth))
+
+
+def error2_capped(ref: ExactReference, approx: KronSum, rtol: float, timeout: float):
+    """(seconds, value, halfwidth, finished). Cheap cases run in-process; multi-term sums above
+    the dense limit in a spawned child (fork is unsafe after OpenMP has run), stopped after
+    ``timeout`` seconds of compute (then seconds = timeout, a lower bound)."""
+    if approx.rank == 1 or approx.p <= DENSE_EIG_LIMIT or not timeout:
+        t0 = time.perf_counter()
+        out = ref.error2(approx, rtol=rtol)
+        return time.perf_counter() - t0, out.value, out.halfwidth, True
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    stats = ref.stats
+    proc = ctx.Process(target=_error2_child, args=(stats.a, stats.g, approx.act, approx.grad, rtol, send), daemon=True)
+    proc.start()
+    send.close()
+    # ~30 s of slack for the child's imports and its N x N eigenproblem on a loaded machine.
+    if recv.poll(timeout + 30):
+        try:
+            dt, value, half = recv.recv()
+        except EOFError:  # the child died (an exception, or out of memory): see its traceback
+            proc.join()
+            return None, None, None, False
+        proc.join()
+        if dt <= timeout:
+            return dt, value, half, True
+        return timeout, None, None, False
+    proc.terminate()
+    proc.join()
+    return timeout, None, None, False
+
+
+# -- printing -----------------------------------------------------------------------------------
+def fmt_s(t: float | None, lower: bool = False) -> str:
+    return "—" if t is None else f"{'>' if lower else ''}{t:.4g}"
+
+
+def row(layer: str, what: str, seconds: float | None, note: str = "", lower: bool = False) -> None:
+    print(f"  L{layer:<3} {what:<38} {fmt_s(seconds, lower):>10} s  {note}", flush=True)
+
+
+# -- dense path, layer 5 ------------------------------------------------------------------------
+def dense_layer(stats: BlockStats, methods) -> dict:
+    res: dict = {"methods": {}}
+    t0 = time.perf_counter()
+    f = stats.to_dense(max_entries=stats.p**2)
+    res["form"] = time.perf_counter() - t0
+    row("5", "dense: form F (to_dense)", res["form"], f"p={stats.p:,}")
+    t0 = time.perf_counter()
+    lam_f = torch.linalg.eigvalsh(f).flip(0)
+    res["eig"] = time.perf_counter() - t0
+    row("5", "dense: eigvalsh(F)", res["eig"])
+    norm_lam = torch.linalg.vector_norm(lam_f)
+    for method in methods:
+        t0 = time.perf_counter()
+        approx = fit_default(method, stats).op
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        f_hat = approx.to_dense(max_entries=stats.p**2)
+        t_form = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        e1 = dense_error1(f, f_hat)
+        t_e1 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lam_hat = torch.linalg.eigvalsh((f_hat + f_hat.T) / 2).flip(0)
+        e2 = float(torch.linalg.vector_norm(lam_f - lam_hat) / norm_lam)
+        t_e2 = time.perf_counter() - t0
+        del f_hat
+        total = t_fit + t_form + t_e1 + t_e2
+        res["methods"][method] = {"total": total, "e1": e1, "e2": e2}
+        row("5", f"dense: {method}", total,
+            f"fit {t_fit:.3g} + form F̂ {t_form:.3g} + E1 {t_e1:.3g} + E2 {t_e2:.3g};  E1={e1:.6g} E2={e2:.6g}")
+    res["total"] = res["form"] + res["eig"] + sum(m["total"] for m in res["methods"].values())
+    row("5", "dense: TOTAL", res["total"], f"(loadavg {load_avg()})")
+    return res
+
+
+# -- matrix-free path -----------------------------------------------------------------------------
+def free_layer(layer: int, stats: BlockStats, methods, timeout: float) -> dict:
+    tag = str(layer)
+    res: dict = {"methods": {}}
+    t0 = time.perf_counter()
+    ref = ExactReference(stats)
+    _ = ref.eigenvalues
+    res["ref"] = time.perf_counter() - t0
+    row(tag, "free: ExactReference (‖F‖, top-N eig)", res["ref"], f"p={stats.p:,} N={stats.n_samples}")
+    for method in methods:
+        t0 = time.perf_counter()
+        approx = fit_default(method, stats)
+        t_fit = time.perf_counter() - t0
+        info = approx.info
+        approx = approx.op
+        t0 = time.perf_counter()
+        e1 = ref.error1(approx)
+        t_e1 = time.perf_counter() - t0
+        m = {"fit": t_fit, "e1": t_e1, "e1_value": e1, "e2": {}}
+        row(tag, f"free: {method} fit + E1", t_fit + t_e1,
+            f"fit {t_fit:.3g} (iters={info.iterations} conv={info.converged}) + E1 {t_e1:.3g};  E1={e1:.6g}")
+        # rtol 1e-2 first: if it times out, 1e-4 (at least as much work) is not attempted.
+        for rtol in sorted(RTOLS, reverse=True):
+            prev = m["e2"].get(max(RTOLS))
+            if prev is not None and not prev["done"] and not prev.get("error"):
+                m["e2"][rtol] = {"t": timeout, "done": False, "skipped": True}
+                row(tag, f"free: {method} E2 rtol={rtol:g}", timeout, "timeout (implied by rtol=1e-2 timing out)",
+                    lower=True)
+                continue
+            t, value, half, done = error2_capped(ref, approx, rtol, timeout)
+            failed = t is None
+            if failed:  # counted as the cap, like a timeout, but reported as an error
+                t = timeout
+            m["e2"][rtol] = {"t": t, "done": done, "value": value, "half": half, "error": failed}
+            note = (f"E2={value:.6g} ± {half:.3g} (halfwidth/E2={half / value if value else 0:.2g})" if done
+                    else "ERROR in the child (traceback above)" if failed else f"timeout after {timeout:g} s")
+            row(tag, f"free: {method} E2 rtol={rtol:g}", t, note, lower=not done)
+        res["methods"][method] = m
+    for rtol in RTOLS:
+        tot = res["ref"] + sum(m["fit"] + m["e1"] + m["e2"][rtol]["t"] for m in res["methods"].values())
+        lower = any(not m["e2"][rtol]["done"] for m in res["methods"].values())
+        res[("total", rtol)] = (tot, lower)
+        row(tag, f"free: TOTAL rtol={rtol:g}", tot, f"(loadavg {load_avg()})", lower=lower)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fisherlab-bench-analysis"),
+                    help="where the recorded one-step run file is cached")
+    ap.add_argument("--layers", default="all", help="'all' or a comma list of 1-based layers (5 is always included)")
+    ap.add_argument("--methods", default=",".join(METHODS5), help="comma list of methods")
+    ap.add_argument("--error2-timeout-s", type=float, default=300.0,
+                    help="cap on one matrix-free Error 2 of a multi-term sum (0: no cap, in-process)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense layer-5 path")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    from fisherlab.store import RunReader
+
+    import fisherlab
+
+    print(f"fisherlab analysis benchmark: fisherlab from {Path(fisherlab.__file__).parent} dtype=float64 threads={torch.get_num_threads()} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} torch={torch.__version__} "
+          f"cores={os.cpu_count()} loadavg={load_avg()} error2_timeout={args.error2_timeout_s:g}s", flush=True)
+    run, problem = recorded_step(Path(args.workdir))
+    with RunReader(run) as reader:
+        step = reader.steps()[0]
+        all_layers = list(reader.layers)
+        layers = all_layers if args.layers == "all" else sorted({5, *(int(x) for x in args.layers.split(","))})
+        stats = {i: reader.stats(step, i, torch.float64) for i in layers}
+    print(f"  run {run} (problem {problem}), step {step}; layers:", flush=True)
+    for i in layers:
+        s = stats[i]
+        print(f"    L{i}: d_in+1={s.d_act}, d_out={s.d_grad}, p={s.p:,}, N={s.n_samples}", flush=True)
+    print(flush=True)
+
+    dense = None
+    if not args.no_dense:
+        dense = dense_layer(stats[5], methods)
+        print(flush=True)
+    free: dict[int, dict] = {}
+    # Layer 5 first (the 'layer 5 alone' rows), then the others from small p to large.
+    for i in [5] + sorted((j for j in layers if j != 5), key=lambda j: stats[j].p):
+        free[i] = free_layer(i, stats[i], methods, args.error2_timeout_s)
+        print(flush=True)
+
+    # -- final table ---------------------------------------------------------------------------
+    head = f"{'quantity':<46} {'dense s':>10} {'matrix-free s':>14} {'ratio':>10}"
+    print(f"Summary (loadavg {load_avg()}; ratio = dense / matrix-free; '>' = lower bound, an Error 2 timed out)")
+    print(head)
+    print("-" * len(head))
+
+    def line(what: str, d: float | None, f: float | None, lower: bool = False) -> None:
+        r = "—" if d is None or not f else f"{'<' if lower else ''}{d / f:.2f}x"
+        print(f"{what:<46} {fmt_s(d):>10} {fmt_s(f, lower):>14} {r:>10}", flush=True)
+
+    l5 = free[5]
+    line("L5 spectrum+norm of F (form+eigvalsh | ref)", dense and dense["form"] + dense["eig"], l5["ref"])
+    for rtol in RTOLS:
+        for method in methods:
+            m = l5["methods"][method]
+            e2 = m["e2"][rtol]
+            line(f"L5 {method} fit+E1+E2 (rtol={rtol:g})", dense and dense["methods"][method]["total"],
+                 m["fit"] + m["e1"] + e2["t"], not e2["done"])
+    for rtol in RTOLS:
+        t, lb = l5[("total", rtol)]
+        line(f"L5 alone, all methods (rtol={rtol:g})", dense and dense["total"], t, lb)
+    totals = {}
+    for rtol in RTOLS:
+        t = sum(free[i][("total", rtol)][0] for i in free)
+        lb = any(free[i][("total", rtol)][1] for i in free)
+        totals[rtol] = (t, lb)
+        line(f"all {len(free)} layers vs dense L5 (rtol={rtol:g})", dense and dense["total"], t, lb)
+    print()
+    if dense is not None:
+        print("Accuracy check, layer 5 (dense | matrix-free rtol=1e-4):")
+        for method in methods:
+            d, m = dense["methods"][method], l5["methods"][method]
+            e2 = m["e2"][1e-4]
+            e2s = f"{e2['value']:.6g} ± {e2['half']:.2g}" if e2["done"] else "timeout"
+            print(f"  {method:<15} E1 {d['e1']:.6g} | {m['e1_value']:.6g}   E2 {d['e2']:.6g} | {e2s}")
+        print()
+    print(f"Target: all {len(free)} layers matrix-free < dense path for layer 5 alone (loadavg {load_avg()})")
+    ok_all = True
+    for rtol in RTOLS:
+        t, lb = totals[rtol]
+        if dense is None:
+            print(f"  rtol={rtol:g}: matrix-free {fmt_s(t, lb)} s; no dense run")
+            continue
+        ok = t < dense["total"]
+        verdict = "PASS" if ok and not lb else ("FAIL" if not ok else "UNKNOWN (timeouts below the dense time)")
+        ok_all &= verdict == "PASS"
+        print(f"  rtol={rtol:g}: matrix-free {fmt_s(t, lb)} s vs dense {dense['total']:.4g} s: {verdict}")
+    if len(free) < 8:
+        print(f"  (only layers {sorted(free)} were run)")
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
