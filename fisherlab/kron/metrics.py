@@ -54,7 +54,8 @@ class ExactReference:
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known, the unknown part of
         ``Σ_{i≤N} λ_i(F) μ_i`` lies in ``T · [μ_lo, μ_k]`` with ``T = Σ_{k<i≤N} λ_i(F)`` and
         ``μ_lo ≤ λ_min(F̂)`` Weyl's bound (cheap: computing ``λ_min`` itself converges slowly,
-        the bottom of the spectrum being clustered at zero); ``k`` doubles from 32 until the resulting
+        the bottom of the spectrum being clustered at zero), and also in ``±‖λ_{>k}(F)‖ ·
+        (‖F̂‖² − Σ_{i≤k} μ_i²)^{1/2}`` (Cauchy–Schwarz); ``k`` doubles from 32 until the resulting
         interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N`` (exact).
         ``rtol = 0`` asks for all N at once, to machine precision. One-term and small sums
         are always exact. The eigensolver's own accuracy (``tol``, relative) widens the
@@ -79,8 +80,13 @@ class ExactReference:
             slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # |θ_i − μ_i| ≤ tol |θ_i| (ARPACK)
             tail = lam_f[k:].sum()
             lo_mu = lam_hat[-1] if exact else min(lam_hat[-1], mu_lo)
-            e_lo = float((base - 2 * (known + slack + tail * lam_hat[-1])).clamp_min(0).sqrt() / norm)
-            e_hi = float((base - 2 * (known - slack + tail * lo_mu)).clamp_min(0).sqrt() / norm)
+            # Cauchy–Schwarz with Σ_{i>k} μ_i² ≤ ‖F̂‖² − Σ_{i≤k} μ_i² (exact for symmetric F̂).
+            energy = (approx.inner(approx) - (lam_hat**2).sum()).clamp_min(0)
+            cs = (lam_f[k:] ** 2).sum().sqrt() * energy.sqrt()
+            tail_hi = torch.minimum(tail * lam_hat[-1], cs)
+            tail_lo = torch.maximum(tail * lo_mu, -cs)
+            e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
+            e_hi = float((base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)
