@@ -166,7 +166,7 @@ def fit_deflation(
     starts = _start(stats, init, rank)
     found: list[Triplets] = []
     for k in range(rank):
-        v0 = starts[k] if k < starts.shape[0] else _deflated_start(op, found)
+        v0 = starts[k] if k < starts.shape[0] else _deflated_start(op)
         t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
         terms = _terms(t)
@@ -174,11 +174,12 @@ def fit_deflation(
     return _collect("deflation", found)
 
 
-def _deflated_start(op: Rearranged, found: list[Triplets]) -> Tensor:
-    # Zᵀ applied to an identity-like left vector, less what previous triplets explain.
-    eye = torch.eye(op.stats.d_act, dtype=op.stats.dtype, device=op.stats.device)
-    v = op.rmatvec(eye)
-    return v if torch.linalg.matrix_norm(v) > 0 else torch.randn_like(found[0].right[0])
+def _deflated_start(op: Rearranged) -> Tensor:
+    # Zᵀ applied to an identity-like left vector, less what previous triplets explain; where
+    # nothing is left (an exactly deflated block) any start will do: power_svd returns σ = 0.
+    stats = op.stats
+    v = op.rmatvec(torch.eye(stats.d_act, dtype=stats.dtype, device=stats.device))
+    return v if torch.linalg.matrix_norm(v) > 0 else torch.eye(stats.d_grad, dtype=stats.dtype, device=stats.device)
 
 
 def _collect(method: str, found: list[Triplets]) -> FitResult:
@@ -224,7 +225,7 @@ def fit_kfac_corrected(
     starts = init.warm if init is not None and init.warm is not None else None
     found: list[Triplets] = []
     for k in range(rank - 1):
-        v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op, found)
+        v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op)
         t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
         terms = _terms(t)
