@@ -4,16 +4,23 @@ Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 
 """
 
 from fisherlab.kron.fitters import DEFAULT_RANK, METHODS, FitInfo, FitResult, fit
-from fisherlab.kron.metrics import ExactReference, dense_error1, dense_error2, error1, error2
+from fisherlab.kron.metrics import (
+    ExactReference,
+    dense_error1,
+    dense_error2,
+    error1,
+    error2,
+)
 from fisherlab.kron.operator import KronSum
-from fisherlab.kron.stats import BlockStats, BlockTooLargeError, KroneckerSVD
+from fisherlab.kron.rearranged import KroneckerSVD
+from fisherlab.kron.stats import BlockStats, BlockTooLargeError
 
 __all__ = [
     "DEFAULT_RANK",
-    "ExactReference",
     "METHODS",
     "BlockStats",
     "BlockTooLargeError",
+    "ExactReference",
     "FitInfo",
     "FitResult",
     "KronSum",

@@ -11,8 +11,8 @@ approximation to the running estimate of the block,
 where ``F̂_{k-1} = Σ_j A_j ⊗ G_j`` is the previous approximation (a few terms) and ``F_k`` the
 current mini-batch block. Both products with ``Z(F̃_k)`` stay matrix-free, so
 :class:`AveragedBlock` can be handed to :func:`fisherlab.kron.fit` in place of a
-:class:`~fisherlab.kron.BlockStats` (every method except ``gram_svd``, which needs per-sample
-statistics of the whole block).
+:class:`~fisherlab.kron.BlockStats`, every method ``gram_svd`` included (``Z(F̃)`` factors through
+the batch's samples and the previous factors, :mod:`fisherlab.kron.rearranged`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.operator import KronSum
+from fisherlab.kron.rearranged import ZFactors
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,
     BlockStats,
@@ -101,6 +102,20 @@ class AveragedBlock:
         weights = torch.einsum("rij,...ij->...r", self.previous.act, u)
         past = torch.einsum("...r,rkl->...kl", weights, self.previous.grad)
         return self.weight * past + (1 - self.weight) * self.stats.z_rmatvec(u)
+
+    def rearranged_factors(self) -> ZFactors:
+        """``Z(F̃) = D_a W D_gᵀ``: the batch's ``vec(a_n a_nᵀ)``, the previous factors and the KFAC
+        pair (weight 0: there so that KFAC-corrected's subtraction stays in the span),
+        ``W = diag((1 − ρ)/N · I_N, ρ I_r, 0)``."""
+        n, r = self.n_samples, self.previous.rank
+        act_k, grad_k = self._kfac
+        diag = torch.cat([
+            torch.full((n,), (1 - self.weight) / n, dtype=self.dtype, device=self.device),
+            torch.full((r,), self.weight, dtype=self.dtype, device=self.device),
+            torch.zeros(1, dtype=self.dtype, device=self.device),
+        ])
+        return ZFactors(self.a, torch.cat([self.previous.act, act_k[None]]), self.g,
+                        torch.cat([self.previous.grad, grad_k[None]]), torch.diag(diag))
 
     def frobenius_norm(self) -> Tensor:
         """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.operator import KronSum
-from fisherlab.kron.rsvd import Rearranged, Triplets, lanczos_svd, power_svd
+from fisherlab.kron.rearranged import kronecker_svd, rearranged
+from fisherlab.kron.rsvd import Triplets, lanczos_svd, power_svd
 from fisherlab.kron.stats import BlockStats
 
 
@@ -113,6 +114,12 @@ def _terms(t: Triplets) -> KronSum:
     return KronSum(root * t.left, root * t.right)
 
 
+def _scaled(t: Triplets) -> tuple[Tensor, Tensor]:
+    # The term σ u vᵀ as (√σ u, √σ v), in the operator's vector shape.
+    root = t.sigma.clamp_min(0).sqrt().reshape(-1, *([1] * (t.left.ndim - 1)))
+    return root * t.left, root * t.right
+
+
 def _psd_first(op: KronSum) -> KronSum:
     """Flip the first term's joint sign so its factors have positive trace; symmetrize all."""
     act, grad = op.act.clone(), op.grad.clone()
@@ -152,9 +159,9 @@ def fit_kpsvd(
 ) -> FitResult:
     """KPSVD: the nearest Kronecker product ``σ R ⊗ S`` by the power SVD of ``Z(F)`` (rank 1)."""
     _check_rank("kpsvd", rank, 1)
-    t = power_svd(Rearranged(stats), _start(stats, init, 1)[0], tol, max_iter, _negligible(stats))
-    info = FitInfo("kpsvd", 1, t.iterations, t.residual, t.converged, singular_values=t.sigma)
-    return FitResult(_psd_first(_terms(t)), info, t.right)
+    op = rearranged(stats)
+    t = power_svd(op, op.right_of(_start(stats, init, 1))[0], tol, max_iter, _negligible(stats))
+    return _collect("kpsvd", op, [t])
 
 
 @register("deflation")
@@ -162,37 +169,41 @@ def fit_deflation(
     stats: BlockStats, rank: int = 2, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
 ) -> FitResult:
     """Deflation: ``rank`` successive power SVDs, each on ``Z(F)`` less the triplets before it."""
-    op = Rearranged(stats)
-    starts = _start(stats, init, rank)
+    base = op = rearranged(stats)
+    starts = op.right_of(_start(stats, init, rank))
     found: list[Triplets] = []
     for k in range(rank):
-        v0 = starts[k] if k < starts.shape[0] else _deflated_start(op)
+        v0 = starts[k] if k < starts.shape[0] else _deflated_start(op, stats)
         t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
-        terms = _terms(t)
-        op = op.minus(terms.act, terms.grad)
-    return _collect("deflation", found)
+        op = op.minus(*_scaled(t))
+    return _collect("deflation", base, found)
 
 
-def _deflated_start(op: Rearranged) -> Tensor:
+def _deflated_start(op, stats: BlockStats) -> Tensor:
     # Zᵀ applied to an identity-like left vector, less what previous triplets explain; where
     # nothing is left (an exactly deflated block) any start will do: power_svd returns σ = 0.
-    stats = op.stats
-    v = op.rmatvec(torch.eye(stats.d_act, dtype=stats.dtype, device=stats.device))
-    return v if torch.linalg.matrix_norm(v) > 0 else torch.eye(stats.d_grad, dtype=stats.dtype, device=stats.device)
+    eye_act = torch.eye(stats.d_act, dtype=stats.dtype, device=stats.device)
+    v = op.rmatvec(op.left_of(eye_act[None])[0])
+    if torch.linalg.matrix_norm(v) > 0:
+        return v
+    return op.right_of(torch.eye(stats.d_grad, dtype=stats.dtype, device=stats.device)[None])[0]
 
 
-def _collect(method: str, found: list[Triplets]) -> FitResult:
+def _collect(method: str, op, found: list[Triplets]) -> FitResult:
+    """One result from the triplets found on ``op``, lifted to factor matrices."""
+    act, grad = op.lift(torch.cat([f.left for f in found]), torch.cat([f.right for f in found]))
+    sigma = torch.cat([f.sigma for f in found]).to(act.dtype)
     t = Triplets(
-        torch.cat([f.sigma for f in found]),
-        torch.cat([f.left for f in found]),
-        torch.cat([f.right for f in found]),
+        sigma,
+        act,
+        grad,
         sum(f.iterations for f in found),
         max(f.residual for f in found),
         all(f.converged for f in found),
     )
-    info = FitInfo(method, len(found), t.iterations, t.residual, t.converged, singular_values=t.sigma)
-    return FitResult(_psd_first(_terms(t)), info, t.right)
+    info = FitInfo(method, len(found), t.iterations, t.residual, t.converged, singular_values=sigma)
+    return FitResult(_psd_first(_terms(t)), info, grad)
 
 
 @register("lanczos")
@@ -205,10 +216,9 @@ def fit_lanczos(
     max_restarts: int = 50,
 ) -> FitResult:
     """Lanczos: the top ``rank`` triplets of ``Z(F)`` by restarted Golub–Kahan–Lanczos."""
-    v0 = _start(stats, init, rank).sum(dim=0)
-    t = lanczos_svd(Rearranged(stats), v0, rank, krylov_dim, tol, max_restarts)
-    info = FitInfo("lanczos", t.sigma.shape[0], t.iterations, t.residual, t.converged, singular_values=t.sigma)
-    return FitResult(_psd_first(_terms(t)), info, t.right)
+    op = rearranged(stats)
+    v0 = op.right_of(_start(stats, init, rank)).sum(dim=0)
+    return _collect("lanczos", op, [lanczos_svd(op, v0, rank, krylov_dim, tol, max_restarts)])
 
 
 @register("kfac_corrected")
@@ -221,18 +231,18 @@ def fit_kfac_corrected(
     """
     act, grad = stats.kfac_factors()
     kfac = KronSum(act, grad)
-    op = Rearranged(stats, kfac.act, kfac.grad)
-    starts = init.warm if init is not None and init.warm is not None else None
+    if rank == 1:
+        return FitResult(kfac, FitInfo("kfac_corrected", 1))
+    base = rearranged(stats)
+    op = base.minus(base.left_of(kfac.act), base.right_of(kfac.grad))
+    starts = base.right_of(init.warm.to(stats.dtype)) if init is not None and init.warm is not None else None
     found: list[Triplets] = []
     for k in range(rank - 1):
-        v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op)
+        v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op, stats)
         t = power_svd(op, v0, tol, max_iter, _negligible(stats))
         found.append(t)
-        terms = _terms(t)
-        op = op.minus(terms.act, terms.grad)
-    if not found:
-        return FitResult(kfac, FitInfo("kfac_corrected", 1))
-    corr = _collect("kfac_corrected", found)
+        op = op.minus(*_scaled(t))
+    corr = _collect("kfac_corrected", base, found)
     info = corr.info
     info.rank = rank
     return FitResult(kfac + corr.op, info, corr.warm)
@@ -242,10 +252,10 @@ def fit_kfac_corrected(
 def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
     """Exact Kronecker SVD of rank ``rank`` from the N × N Gram matrices (no iteration).
 
-    See :meth:`~fisherlab.kron.stats.BlockStats.kronecker_svd`; ``singular_values`` holds the
+    See :func:`~fisherlab.kron.rearranged.kronecker_svd`; ``singular_values`` holds the
     whole Kronecker singular-value profile.
     """
-    svd = stats.kronecker_svd(rank)
+    svd = kronecker_svd(stats, rank)
     r = svd.act.shape[0]
     t = Triplets(svd.singular_values[:r], svd.act, svd.grad, 0, 0.0, True)
     info = FitInfo("gram_svd", r, singular_values=svd.singular_values)

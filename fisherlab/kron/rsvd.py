@@ -1,7 +1,8 @@
 """Iterative singular triplets of the rearranged block ``Z(F)``, matrix-free.
 
-Both solvers work on any object with ``matvec(V) -> U`` (n × n → m × m) and
-``rmatvec(U) -> V``; vectors are kept in matrix shape and inner products are Frobenius.
+Both solvers work on any object with ``matvec(V) -> U`` and ``rmatvec(U) -> V`` on
+matrix-shaped vectors (the factors themselves, or ``(k, 1)`` coordinates: see
+:mod:`fisherlab.kron.rearranged`); inner products are Frobenius.
 Convergence is measured by the residual **relative to σ**, ``‖Zᵀu − σ v‖ ≤ tol · σ``: Fisher
 blocks have entries of order 1e-4, so an absolute tolerance stops before converging.
 
@@ -17,35 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from fisherlab.kron.stats import BlockStats
-
-
-class Rearranged:
-    """``Z(F) − Σ_j vec(A_j) vec(G_j)ᵀ``: the rearranged block less some Kronecker terms.
-
-    Subtracting terms is how deflation (the previous singular triplets) and KFAC-corrected
-    (the KFAC term) reach the next triplet without forming anything dense.
-    """
-
-    def __init__(self, stats: BlockStats, act: Tensor | None = None, grad: Tensor | None = None):
-        self.stats = stats
-        empty_a = stats.a.new_zeros(0, stats.d_act, stats.d_act)
-        empty_g = stats.a.new_zeros(0, stats.d_grad, stats.d_grad)
-        self.act = empty_a if act is None else act
-        self.grad = empty_g if grad is None else grad
-
-    def minus(self, act: Tensor, grad: Tensor) -> Rearranged:
-        """This operator with the terms ``vec(A) vec(G)ᵀ`` (stacked ``act``, ``grad``) removed too."""
-        return Rearranged(self.stats, torch.cat([self.act, act]), torch.cat([self.grad, grad]))
-
-    def matvec(self, v: Tensor) -> Tensor:
-        weights = torch.einsum("rij,ij->r", self.grad, v)
-        return self.stats.z_matvec(v) - torch.einsum("r,rij->ij", weights, self.act)
-
-    def rmatvec(self, u: Tensor) -> Tensor:
-        weights = torch.einsum("rij,ij->r", self.act, u)
-        return self.stats.z_rmatvec(u) - torch.einsum("r,rij->ij", weights, self.grad)
 
 
 @dataclass

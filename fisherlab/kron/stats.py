@@ -15,13 +15,13 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from fisherlab.errors import UserInputError
+from fisherlab.kron.rearranged import KroneckerSVD, ZFactors, kronecker_svd
 
 #: Largest dense block (entries) that :meth:`BlockStats.to_dense` forms unless told otherwise:
 #: 2**28 entries is 2 GiB in float64 (MNIST layer 5, p = 7,750, has 6e7 entries).
@@ -30,21 +30,6 @@ DEFAULT_MAX_DENSE_ENTRIES = 2**28
 
 class BlockTooLargeError(UserInputError):
     """A dense block was asked for that exceeds the caller's size limit."""
-
-
-@dataclass(frozen=True)
-class KroneckerSVD:
-    """Kronecker singular value decomposition ``F = Σ_k σ_k R_k ⊗ S_k`` (``‖R_k‖ = ‖S_k‖ = 1``).
-
-    Attributes:
-        singular_values: all nonzero Kronecker singular values σ, descending.
-        act: ``(r, m, m)`` activation-side factors ``R_k`` of the leading ``r`` terms.
-        grad: ``(r, n, n)`` gradient-side factors ``S_k``.
-    """
-
-    singular_values: Tensor
-    act: Tensor
-    grad: Tensor
 
 
 class BlockStats:
@@ -113,9 +98,13 @@ class BlockStats:
 
     # -- the block ------------------------------------------------------------------------
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
-        """KFAC's factors ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]`` (each averaged over the N samples)."""
+        """KFAC's factors ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]`` (each averaged over the N samples).
+
+        Symmetrized: BLAS need not round ``aᵀa`` symmetrically, and eigensolvers assume it.
+        """
         n = self.n_samples
-        return self.a.T @ self.a / n, self.g.T @ self.g / n
+        act, grad = self.a.T @ self.a / n, self.g.T @ self.g / n
+        return (act + act.T) / 2, (grad + grad.T) / 2
 
     def z_matvec(self, v: Tensor) -> Tensor:
         """``Z(F) vec(V) = (1/N) Σ_n (g_nᵀ V g_n) vec(a_n a_nᵀ)`` for ``V`` of shape (..., n, n).
@@ -169,32 +158,21 @@ class BlockStats:
         phi = (self.a[:, :, None] * self.g[:, None, :]).reshape(self.n_samples, self.p)
         return phi.T @ phi / self.n_samples
 
+    def rearranged_factors(self) -> ZFactors:
+        """``Z(F) = D_a W D_gᵀ`` with ``D_a = [vec(a_n a_nᵀ)]``, ``D_g = [vec(g_n g_nᵀ)]``, ``W = I/N``."""
+        eye = torch.eye(self.n_samples, dtype=self.dtype, device=self.device) / self.n_samples
+        return ZFactors(self.a, self.a.new_zeros(0, self.d_act, self.d_act), self.g,
+                        self.g.new_zeros(0, self.d_grad, self.d_grad), eye)
+
     def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
         """Exact Kronecker SVD of F from two N × N eigenproblems (no iteration, any layer size).
 
         With ``U = P_a Λ_a^{1/2} Q_aᵀ`` from ``UᵀU = (a aᵀ)∘² = Q_a Λ_a Q_aᵀ`` (likewise V),
         ``Z(F) = P_a M P_gᵀ`` with ``M = (1/N) Λ_a^{1/2} Q_aᵀ Q_g Λ_g^{1/2}``. The SVD
         ``M = X Σ Yᵀ`` gives ``R_k = Σ_n c_{kn} a_n a_nᵀ`` with ``c_k = Q_a Λ_a^{-1/2} x_k``: the
-        factors are re-weighted KFAC factors. Directions of ``UᵀU`` below ``N ε`` of its largest
-        eigenvalue are dropped: they carry no more than ``√(N ε)`` of ``‖U‖``.
+        factors are re-weighted KFAC factors (:func:`fisherlab.kron.rearranged.kronecker_svd`).
 
         Args:
             rank: number of leading terms whose factors are returned (default: all).
         """
-        qa, sa = _range_basis(self.gram_act.square())
-        qg, sg = _range_basis(self.gram_grad.square())
-        core = (sa[:, None] * (qa.T @ qg) * sg[None, :]) / self.n_samples
-        x, sigma, yt = torch.linalg.svd(core, full_matrices=False)
-        r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
-        ca = qa @ (x[:, :r] / sa[:, None])  # (N, r)
-        cg = qg @ (yt[:r].T / sg[:, None])
-        act = torch.einsum("bi,br,bj->rij", self.a, ca, self.a)
-        grad = torch.einsum("bi,br,bj->rij", self.g, cg, self.g)
-        return KroneckerSVD(sigma, act, grad)
-
-
-def _range_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvectors of a PSD Gram matrix and the square roots of its eigenvalues, on its range."""
-    lam, q = torch.linalg.eigh(gram)
-    keep = lam > lam[-1] * gram.shape[0] * torch.finfo(gram.dtype).eps
-    return q[:, keep], lam[keep].sqrt()
+        return kronecker_svd(self, rank)
