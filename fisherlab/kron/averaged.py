@@ -17,11 +17,13 @@ the batch's samples and the previous factors, :mod:`fisherlab.kron.rearranged`).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
 from fisherlab.kron.operator import KronSum
-from fisherlab.kron.rearranged import ZFactors
+from fisherlab.kron.rearranged import GramRearranged, ZFactors
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,
     BlockStats,
@@ -116,6 +118,11 @@ class AveragedBlock:
         ])
         return ZFactors(self.a, torch.cat([self.previous.act, act_k[None]]), self.g,
                         torch.cat([self.previous.grad, grad_k[None]]), torch.diag(diag))
+
+    @cached_property
+    def z_coordinates(self) -> GramRearranged:
+        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
+        return GramRearranged.of(self)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""

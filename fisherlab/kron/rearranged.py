@@ -192,7 +192,7 @@ def rearranged(block) -> Rearranged | GramRearranged:
     """
     n = block.n_samples
     if n**2 <= 100 * (block.d_act**2 + block.d_grad**2):
-        return GramRearranged.of(block)
+        return block.z_coordinates
     return Rearranged(block)
 
 
@@ -205,7 +205,7 @@ def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
-    z = GramRearranged.of(block)
+    z = block.z_coordinates
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
     act, grad = z.lift(x[:, :r].T[..., None], yt[:r][..., None])

@@ -21,7 +21,12 @@ import torch
 from torch import Tensor
 
 from fisherlab.errors import UserInputError
-from fisherlab.kron.rearranged import KroneckerSVD, ZFactors, kronecker_svd
+from fisherlab.kron.rearranged import (
+    GramRearranged,
+    KroneckerSVD,
+    ZFactors,
+    kronecker_svd,
+)
 
 #: Largest dense block (entries) that :meth:`BlockStats.to_dense` forms unless told otherwise:
 #: 2**28 entries is 2 GiB in float64 (MNIST layer 5, p = 7,750, has 6e7 entries).
@@ -163,6 +168,11 @@ class BlockStats:
         eye = torch.eye(self.n_samples, dtype=self.dtype, device=self.device) / self.n_samples
         return ZFactors(self.a, self.a.new_zeros(0, self.d_act, self.d_act), self.g,
                         self.g.new_zeros(0, self.d_grad, self.d_grad), eye)
+
+    @cached_property
+    def z_coordinates(self) -> GramRearranged:
+        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
+        return GramRearranged.of(self)
 
     def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
         """Exact Kronecker SVD of F from two N × N eigenproblems (no iteration, any layer size).
