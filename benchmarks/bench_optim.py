@@ -9,7 +9,9 @@ inverses (``t_plain``) are measured separately, each the median of a few repetit
     seconds per step at T₁ = T₂ = T  =  ((T − 1) t_plain + t_update) / T,
 
 which is what a run of T steps costs. Ratios are against Adam and against our KFAC, all
-measured in the same process.
+measured in the same process. The last column is the ratio to Adam that flop counts alone
+imply as T → ∞ (:func:`flop_bound`): applying a Kronecker inverse to every gradient costs
+about as much as the forward and backward passes at the paper's batch sizes.
 
 Averaging (``average``): on one layer, during an Adam run, the exact running block
 ``F̄_k = ρ_k F̄_{k−1} + (1 − ρ_k) F_k`` (ρ_k = min(1 − 1/k, α)) is kept as weighted per-sample
@@ -93,10 +95,25 @@ def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[i
     return rows
 
 
+def flop_bound(name: str, terms: int) -> float:
+    """Seconds per step against Adam's implied by flop counts alone, as T → ∞.
+
+    Every step applies ``(F̂ + λ)⁻¹`` to each layer's gradient ``(n × m)``: two products
+    (``2n²m + 2nm²`` flops) for one cached Kronecker inverse, four for the two-term §3.4 form;
+    forward and backward cost ``6 B n m`` per layer. Adam's own update is elementwise.
+    """
+    problem = get_problem(name)
+    shapes = [(n, m + 1) for m, n in zip(problem.layer_sizes[:-1], problem.layer_sizes[1:])]
+    forward_backward = sum(6 * problem.batch_size * n * m for n, m in shapes)
+    precondition = sum(2 * n * n * m + 2 * n * m * m for n, m in shapes)
+    return 1 + (2 if terms > 1 else 1) * precondition / forward_backward
+
+
 def table(rows: list[dict], periods: tuple[int, ...]) -> str:
-    """A markdown table of seconds per step and the ratios to Adam and to KFAC."""
-    lines = ["| problem | optimizer | " + " | ".join(f"s/step T={p} | ×Adam | ×KFAC" for p in periods) + " |",
-             "|---|---|" + "---|---|---|" * len(periods)]
+    """A markdown table of seconds per step, the ratios to Adam and to KFAC, and the flop bound."""
+    lines = ["| problem | optimizer | " + " | ".join(f"s/step T={p} | ×Adam | ×KFAC" for p in periods)
+             + " | flop bound ×Adam (T → ∞) |",
+             "|---|---|" + "---|---|---|" * len(periods) + "---|"]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         by = {r["optimizer"]: r for r in rows if r["problem"] == problem}
         for name, r in by.items():
@@ -104,7 +121,8 @@ def table(rows: list[dict], periods: tuple[int, ...]) -> str:
             for p in periods:
                 key = f"T={p}"
                 cells.append(f"{r[key]:.4f} | {r[key] / by['adam'][key]:.2f} | {r[key] / by['kfac'][key]:.2f}")
-            lines.append(f"| {problem} | {name} | " + " | ".join(cells) + " |")
+            bound = f"{flop_bound(problem, PRESETS[name]['rank']):.2f}" if name in PRESETS else "—"
+            lines.append(f"| {problem} | {name} | " + " | ".join(cells) + f" | {bound} |")
     return "\n".join(lines)
 
 

@@ -90,9 +90,12 @@ def test_power_iterates_are_the_same_in_both_forms(kind):
     torch.testing.assert_close(lb.sigma, la.sigma, rtol=1e-10, atol=0)
 
 
-def test_the_cheaper_form_is_chosen():
+def test_the_cheaper_form_is_chosen_and_built_coordinates_are_reused():
     assert isinstance(rearranged(_random(0, 40, 30, 20)), GramRearranged)
-    assert isinstance(rearranged(_random(0, 400, 3, 2)), Rearranged)
+    small = _random(0, 400, 3, 2)
+    assert isinstance(rearranged(small), Rearranged)
+    kronecker_svd(small, rank=1)
+    assert rearranged(small) is small.z_coordinates
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))

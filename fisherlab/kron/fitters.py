@@ -135,9 +135,9 @@ def _start(stats: BlockStats, init: FitResult | None, rank: int) -> Tensor:
     return stats.kfac_factors()[1][None]
 
 
-def _negligible(stats: BlockStats) -> float:
+def _negligible(op, stats: BlockStats) -> float:
     # Singular values below this are rounding noise of ‖Z(F)‖_F = ‖F‖_F.
-    return float(1e3 * torch.finfo(stats.dtype).eps * stats.frobenius_norm())
+    return float(1e3 * torch.finfo(stats.dtype).eps * op.frobenius_norm())
 
 
 def _check_rank(method: str, rank: int, allowed: int) -> None:
@@ -160,7 +160,7 @@ def fit_kpsvd(
     """KPSVD: the nearest Kronecker product ``σ R ⊗ S`` by the power SVD of ``Z(F)`` (rank 1)."""
     _check_rank("kpsvd", rank, 1)
     op = rearranged(stats)
-    t = power_svd(op, op.right_of(_start(stats, init, 1))[0], tol, max_iter, _negligible(stats))
+    t = power_svd(op, op.right_of(_start(stats, init, 1))[0], tol, max_iter, _negligible(op, stats))
     return _collect("kpsvd", op, [t])
 
 
@@ -171,10 +171,11 @@ def fit_deflation(
     """Deflation: ``rank`` successive power SVDs, each on ``Z(F)`` less the triplets before it."""
     base = op = rearranged(stats)
     starts = op.right_of(_start(stats, init, rank))
+    floor = _negligible(base, stats)
     found: list[Triplets] = []
     for k in range(rank):
         v0 = starts[k] if k < starts.shape[0] else _deflated_start(op, stats)
-        t = power_svd(op, v0, tol, max_iter, _negligible(stats))
+        t = power_svd(op, v0, tol, max_iter, floor)
         found.append(t)
         op = op.minus(*_scaled(t))
     return _collect("deflation", base, found)
@@ -236,10 +237,11 @@ def fit_kfac_corrected(
     base = rearranged(stats)
     op = base.minus(base.left_of(kfac.act), base.right_of(kfac.grad))
     starts = base.right_of(init.warm.to(stats.dtype)) if init is not None and init.warm is not None else None
+    floor = _negligible(base, stats)
     found: list[Triplets] = []
     for k in range(rank - 1):
         v0 = starts[k] if starts is not None and k < starts.shape[0] else _deflated_start(op, stats)
-        t = power_svd(op, v0, tol, max_iter, _negligible(stats))
+        t = power_svd(op, v0, tol, max_iter, floor)
         found.append(t)
         op = op.minus(*_scaled(t))
     corr = _collect("kfac_corrected", base, found)

@@ -26,6 +26,8 @@ from fisherlab.kron.rearranged import (
     KroneckerSVD,
     ZFactors,
     kronecker_svd,
+    quadratic,
+    weighted_outer,
 )
 
 #: Largest dense block (entries) that :meth:`BlockStats.to_dense` forms unless told otherwise:
@@ -116,22 +118,18 @@ class BlockStats:
 
         Returns the result unvectorised, of shape (..., m, m).
         """
-        c = torch.einsum("bi,...ij,bj->...b", self.g, v, self.g)
-        return torch.einsum("bi,...b,bj->...ij", self.a, c, self.a) / self.n_samples
+        return weighted_outer(quadratic(self.g, v), self.a) / self.n_samples
 
     def z_rmatvec(self, u: Tensor) -> Tensor:
         """``Z(F)ᵀ vec(U) = (1/N) Σ_n (a_nᵀ U a_n) vec(g_n g_nᵀ)`` for ``U`` of shape (..., m, m)."""
-        c = torch.einsum("bi,...ij,bj->...b", self.a, u, self.a)
-        return torch.einsum("bi,...b,bj->...ij", self.g, c, self.g) / self.n_samples
+        return weighted_outer(quadratic(self.a, u), self.g) / self.n_samples
 
     def quadratic_forms(self, act: Tensor, grad: Tensor) -> Tensor:
         """``(a_nᵀ A_j a_n)(g_nᵀ G_j g_n)`` for stacked factors ``act`` (r, m, m), ``grad`` (r, n, n).
 
         Returns an ``(r, N)`` tensor; its row means are ``⟨F, A_j ⊗ G_j⟩``.
         """
-        qa = torch.einsum("bi,rij,bj->rb", self.a, act, self.a)
-        qg = torch.einsum("bi,rij,bj->rb", self.g, grad, self.g)
-        return qa * qg
+        return quadratic(self.a, act) * quadratic(self.g, grad)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F‖_F`` from ``‖F‖²_F = (1/N²) Σ_{s,t} (a_s·a_t)² (g_s·g_t)²``."""
