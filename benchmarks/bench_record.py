@@ -15,13 +15,24 @@ of its time waiting for the first, which inflates and scatters every timing.
                    ``record --dense-budget 0``
 
 The dense blocks that the default budget admits (``--dense-budget 1GiB``) are timed on one
-recorded step apart, since they cost tens of seconds. Targets: capture+write
-at most 2.5x plain Adam; unrecorded steps at most 1.05x.
+recorded step apart, since they cost seconds. Targets: capture+write at most 2.5x plain
+Adam; unrecorded steps at most 1.05x.
+
+The write is timed with record's default compression, lz4 (``--compression`` picks
+another; fisherlab.store tabulates them). record writes synchronously, inside the step, so
+the CPU time of the process is the whole cost of a step, and the targets are checked
+against it. A writer thread that compresses while the next steps train was tried and left
+out: it can only save wall time where a core sits idle, and none does when torch's threads
+or other processes take them all. Timed on runs of recorded steps (blocks of six per mode,
+round robin, load 3.7 to 4.0 on two cores), it made a recorded step slower, not faster:
+wall 3.87x plain Adam against 2.99x synchronous on CURVES, 2.06x against 1.78x on MNIST,
+with more CPU time too (2.74x against 2.35x; 2.03x against 1.86x). It would also charge
+the write's CPU time to the steps that follow it.
 
 Usage:
     python benchmarks/bench_record.py                      # curves and mnist, 20 steps a mode
     python benchmarks/bench_record.py --problems mnist --steps 40 --threads 2 --no-dense
-    python benchmarks/bench_record.py --no-dense --compression none   # the write without gzip
+    python benchmarks/bench_record.py --no-dense --compression gzip   # the portable, slower write
 """
 
 from __future__ import annotations
@@ -38,7 +49,12 @@ from fisherlab.data import load_dataset
 from fisherlab.errors import UserInputError
 from fisherlab.problems import get_problem
 from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder, _save_checkpoint
-from fisherlab.store import DEFAULT_DENSE_BUDGET, RunWriter
+from fisherlab.store import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    DEFAULT_DENSE_BUDGET,
+    RunWriter,
+)
 from fisherlab.training import build_optimizer
 
 MODES = ("plain Adam", "unrecorded", "capture", "capture+write")
@@ -120,7 +136,7 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -
 
     print(
         f"\n{name}: batch {problem.batch_size}, {problem.num_parameters:,} parameters, {len(layers)} layers "
-        f"recorded, {source}, {torch.get_num_threads()} threads, {steps} steps a mode"
+        f"recorded, {source}, {torch.get_num_threads()} threads, {steps} steps a mode, {compression} compression"
     )
     print(f"{'mode':<16}{'wall s':>9}{'x plain':>9}{'CPU s':>9}{'x plain':>9}  target (CPU)")
     med = {mode: (statistics.median(wall[mode]), statistics.median(cpu[mode])) for mode in MODES}
@@ -164,7 +180,12 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine a second one mostly spins)",
     )
     parser.add_argument("--no-dense", action="store_true", help="skip the one-step dense write")
-    parser.add_argument("--compression", default="gzip", choices=("gzip", "lzf", "none"), help="of the run file")
+    parser.add_argument(
+        "--compression",
+        default=DEFAULT_COMPRESSION,
+        choices=list(COMPRESSIONS),
+        help=f"of the run file (default: record's, {DEFAULT_COMPRESSION})",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

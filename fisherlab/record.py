@@ -56,7 +56,12 @@ from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
 from fisherlab.probe import FISHER_TYPES, FisherProbe
 from fisherlab.problems import Problem, get_problem
-from fisherlab.store import DEFAULT_DENSE_BUDGET, RunWriter
+from fisherlab.store import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    DEFAULT_DENSE_BUDGET,
+    RunWriter,
+)
 from fisherlab.training import batch_indices, build_optimizer
 
 #: Optimizers ``record`` drives (the natural-gradient ones run a probe of their own).
@@ -320,7 +325,7 @@ def record(
     device: str = "cpu",
     force: bool = False,
     resume: bool = False,
-    compression: str = "gzip",
+    compression: str = DEFAULT_COMPRESSION,
     progress: bool = True,
 ) -> Path:
     """Train ``problem`` and record the Fisher statistics of its layers into ``out``.
@@ -347,15 +352,18 @@ def record(
         mc_samples: target draws per example for ``"mc"`` (k; N = k · batch_size).
         dense_budget: bytes allowed per dense block (``4 p²``), an int or e.g. ``"1GB"``;
             smaller blocks are stored densely too; 0 stores statistics only. The default,
-            the store's 1 GiB, admits layer 5 of every problem; compressing the admitted
-            blocks costs 10 to 20 s per recorded step on CURVES and MNIST.
+            the store's 1 GiB, admits layer 5 of every problem; forming and compressing the
+            admitted blocks costs 2 to 5 s of CPU per recorded step on CURVES and MNIST
+            with lz4 (gzip: about 15 s and more).
         seed: seed of the weights, the batch order and the Monte-Carlo targets.
         data_dir: directory with the original data files (see :mod:`fisherlab.data`).
         cache_dir: cache of regenerated data sets (CURVES, FACES).
         device: ``cpu`` or ``cuda``.
         force: overwrite an existing ``out``.
         resume: continue ``out`` from its last checkpoint (create it if missing).
-        compression: of the HDF5 datasets, ``"gzip"``, ``"lzf"`` or ``"none"``.
+        compression: of the HDF5 datasets: ``"lz4"`` (default, fastest compressed),
+            ``"zstd"`` (as small as gzip), ``"gzip"`` (readable by any HDF5 tool without
+            plugins), ``"lzf"`` or ``"none"``; :mod:`fisherlab.store` gives the measured trade-off.
         progress: show a progress bar (step, loss, ETA).
 
     Returns:
@@ -393,6 +401,8 @@ def record(
         raise UserInputError(f"unknown fisher type {fisher!r}; valid: {', '.join(FISHER_TYPES)}")
     if fisher == "empirical" and mc_samples != 1:
         raise UserInputError("mc_samples applies to fisher='mc' only")
+    if compression not in COMPRESSIONS:
+        raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
     chosen = parse_layers(layers, prob.num_layers)
     budget = parse_size(dense_budget)
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):

@@ -27,16 +27,44 @@ and refuses to open it after a kill until ``h5clear`` is run on it.
 Precision: ``a``, ``g`` and ``fisher`` are float32 (the contract), except that statistics
 recorded in float64 are kept in float64, so that no digit is lost where one was asked for.
 
-Size and speed: datasets are chunked and compressed, gzip level 4 by default (portable to
-any HDF5 tool; byte shuffle made them larger and slower here); ``compression="lzf"``
-(h5py's fast filter) or ``"none"`` trade size for write time: writing a recorded MNIST
-step (statistics only) takes about 0.58 s with gzip-4, 0.34 s with lzf and 0.01 s
-uncompressed, against 0.12 s for an Adam step. Such a step (8 layers, N = 512, real MNIST,
-an Adam run) holds 9.8 MB (step 0) to 11.4 MB (step 500) of ``a`` and ``g`` with gzip-4
-(17.7 MB raw). The dense blocks that :data:`DEFAULT_DENSE_BUDGET` admits there (layers 4
-and 5, p = 7,530 and 7,750; 467 MB raw) add 289 MB at step 0 and 110 MB from step 100 on,
-and 17–32 s of gzip-4 compression per step on two CPU cores. ``dense_budget=0`` stores the
-statistics only; every analysis works matrix-free from them.
+Compression: ``a``, ``g`` and ``fisher`` are compressed in chunks of whole rows of about
+:data:`CHUNK_BYTES` (1 MiB; h5py's own guess, 8 to 25 kB for these shapes, made the lz4
+and zstd writes up to twice as slow). ``compression`` picks the filter; every option
+reads back bit for bit:
+
+- ``"lz4"`` (default) and ``"zstd"`` (level 1) are filters of the ``hdf5plugin`` package,
+  which this module imports, so fisherlab reads and writes them with no setup. Other HDF5
+  tools (``h5dump``, HDFView, h5py without ``import hdf5plugin``) need the same plugins,
+  e.g. ``HDF5_PLUGIN_PATH`` set to ``python -c "import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)"``.
+- ``"gzip"`` (level 4) is built into every HDF5 library: choose it for files that plain
+  HDF5 tools must read without plugins. It is the slowest, 5 to 7 times lz4's CPU time.
+- ``"lzf"`` (h5py's own filter) and ``"none"``. Files written with any of these, including
+  the gzip files of earlier fisherlab versions (h5py's chunks), read the same way.
+
+Measured with ``benchmarks/bench_record.py`` (CPU time, one torch thread, two shared cores
+at load 1.9 to 4.7) on recorded steps of MNIST (8 layers, N = 512, real MNIST; 17.7 MB raw
+float32 of ``a`` and ``g``) and CURVES (12 layers, N = 256; 4.8 MB raw). "x Adam" is the
+whole recorded step (probe and write) over a plain Adam step timed in the same run; the
+read is of all of a MNIST step's statistics::
+
+    compression   MNIST MB/step   write s     read s   x Adam, MNIST   x Adam, CURVES
+    lz4              10.4         0.06-0.08   0.04     1.72-2.11       2.00-2.64 (median 2.26)
+    zstd (1)          8.8         0.11-0.12   0.07     2.09-2.13       2.39-2.59
+    gzip (4)          8.7         0.41-0.56   0.12     4.31-4.36       6.00-6.67
+    none             17.7         0.02        0.01     1.48            1.81
+
+lz4 is the default because it is the compressed write that keeps a recorded step within
+the target of 2.5 Adam steps on CURVES too: a CURVES Adam step (0.03 s) leaves about
+0.03 s for writing 4.8 MB, which zstd-1 uses up (2.4–2.6x, no margin). lz4 files are
+about 1.2 times gzip's; zstd matches gzip's size at a quarter of its time. Byte shuffle
+(Blosc, bitshuffle) made these statistics larger with every codec: about half of their
+entries are exact zeros (ReLU), scattered, and the rest compresses little.
+
+The dense blocks that :data:`DEFAULT_DENSE_BUDGET` admits on MNIST (layers 4 and 5,
+p = 7,530 and 7,750; 467 MB raw) add 341 MB with lz4 (1.2 s of CPU to compress), 309 MB
+with zstd (1.9 s) and 306 MB with gzip (14 s) at step 0, and 36, 30 and 31 MB (0.4, 0.6
+and 4.0 s) at step 100 of one run. ``dense_budget=0`` stores the statistics only; every
+analysis works matrix-free from them.
 """
 
 from __future__ import annotations
@@ -48,6 +76,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # registers the Zstd and LZ4 filters with HDF5, for writing and reading
 import numpy as np
 import torch
 from torch import Tensor
@@ -63,13 +92,19 @@ FORMAT_VERSION = 1
 #: of MNIST and FACES (FACES layer 5: p = 15,500, 961 MB) and layers 4 to 9 of CURVES.
 DEFAULT_DENSE_BUDGET = 2**30
 
-#: Dataset filters by compression name.
+#: HDF5 filters by compression name (module docstring: speed, size, portability).
 COMPRESSIONS = {
-    "gzip": {"chunks": True, "compression": "gzip", "compression_opts": 4},
-    "lzf": {"chunks": True, "compression": "lzf"},
+    "lz4": dict(hdf5plugin.LZ4()),
+    "zstd": dict(hdf5plugin.Zstd(clevel=1)),
+    "gzip": {"compression": "gzip", "compression_opts": 4},
+    "lzf": {"compression": "lzf"},
     "none": {},
 }
-_FILTERS = COMPRESSIONS["gzip"]
+DEFAULT_COMPRESSION = "lz4"
+#: Bytes per chunk of a compressed dataset, in whole rows: h5py's own guess for an
+#: (N, d) statistic, 8 to 25 kB, made writes up to twice as slow.
+CHUNK_BYTES = 2**20
+_ANALYSIS_FILTERS = {"chunks": True, **COMPRESSIONS["gzip"]}  # small arrays: any HDF5 tool reads them
 _STEP_LIMIT = 10**8  # step names have 8 digits
 
 
@@ -161,7 +196,9 @@ class RunWriter:
         layers: ``{index: (d_in, d_out)}`` of the recorded layers (1-based indices), e.g.
             :attr:`fisherlab.probe.FisherProbe.layer_shapes`.
         force: overwrite an existing file.
-        compression: ``"gzip"`` (default), ``"lzf"`` or ``"none"`` (see the module docstring).
+        compression: a key of :data:`COMPRESSIONS`: ``"lz4"`` (default), ``"zstd"``,
+            ``"gzip"`` (the one plain HDF5 tools read without plugins), ``"lzf"`` or
+            ``"none"`` (see the module docstring).
         resume: continue an existing file (its config and layers must equal these); its
             incomplete steps are deleted and :attr:`last_step` tells where it stopped. A
             missing file is created.
@@ -181,7 +218,7 @@ class RunWriter:
         *,
         force: bool = False,
         resume: bool = False,
-        compression: str = "gzip",
+        compression: str = DEFAULT_COMPRESSION,
     ):
         if compression not in COMPRESSIONS:
             raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
@@ -300,14 +337,21 @@ class RunWriter:
             for i in self.layers:
                 stats = stats_by_layer[i]
                 layer = group.create_group(f"layer{i}")
-                layer.create_dataset("a", data=_stored(stats.a), **self._filters)
-                layer.create_dataset("g", data=_stored(stats.g), **self._filters)
+                self._dataset(layer, "a", _stored(stats.a))
+                self._dataset(layer, "g", _stored(stats.g))
                 if 4 * stats.p**2 <= dense_budget:
-                    dense = stats.to_dense(max_entries=stats.p**2)
-                    layer.create_dataset("fisher", data=_stored(dense), **self._filters)
+                    self._dataset(layer, "fisher", _stored(stats.to_dense(max_entries=stats.p**2)))
 
         _write_group(self._file, f"steps/{name}", fill)
         self.last_step = int(step) if self.last_step is None else max(self.last_step, int(step))
+
+    def _dataset(self, group: h5py.Group, name: str, data: np.ndarray) -> None:
+        """A 2-D dataset, compressed in chunks of whole rows of about :data:`CHUNK_BYTES`."""
+        if not self._filters:
+            group.create_dataset(name, data=data)
+            return
+        rows = max(1, min(data.shape[0], CHUNK_BYTES // max(1, data.itemsize * data.shape[1])))
+        group.create_dataset(name, data=data, chunks=(rows, data.shape[1]), **self._filters)
 
     def close(self, finished: bool = False) -> None:
         """Close the file; ``finished=True`` marks the run as having ended normally."""
@@ -429,7 +473,7 @@ class RunReader:
                 if value is None:
                     continue
                 data = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-                group.create_dataset(key, data=data, **(_FILTERS if data.ndim else {}))
+                group.create_dataset(key, data=data, **(_ANALYSIS_FILTERS if data.ndim else {}))
 
         _write_group(self._file, f"analysis/{_step_name(step)}/layer{layer}/{method}", fill)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h5py
 import pytest
 import torch
 
@@ -10,7 +11,13 @@ from fisherlab.cli import main
 from fisherlab.data import Dataset
 from fisherlab.errors import UserInputError
 from fisherlab.problems import get_problem
-from fisherlab.record import checkpoint_path, parse_layers, parse_size, record, synthetic_dataset
+from fisherlab.record import (
+    checkpoint_path,
+    parse_layers,
+    parse_size,
+    record,
+    synthetic_dataset,
+)
 from fisherlab.store import RunReader
 from fisherlab.training import build_optimizer, train
 
@@ -134,6 +141,12 @@ def test_paper_problem_config_and_one_layer(tmp_path, monkeypatch):
         assert reader.stats(1, 5).a.shape == (256, 51) and reader.dense(1, 5) is None
 
 
+def test_unknown_compression_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(UserInputError, match="unknown compression 'brotli'"):
+        _run(tmp_path, compression="brotli")
+    assert not (tmp_path / "run.h5").exists()
+
+
 def test_parse_size_and_layers():
     assert parse_size("1GB") == 10**9 and parse_size("1GiB") == 2**30 and parse_size("512 kb") == 512_000
     assert parse_size("0") == 0 and parse_size(123) == 123 and parse_size("2.5M") == 2_500_000
@@ -170,6 +183,8 @@ def test_cli_happy_path(tmp_path, capsys):
             "2",
             "--dense-budget",
             "1MB",
+            "--compression",
+            "zstd",
             "--out",
             str(out),
         )
@@ -179,6 +194,8 @@ def test_cli_happy_path(tmp_path, capsys):
     with RunReader(out) as reader:
         assert reader.steps() == [0, 2, 4] and list(reader.layers) == [2]
         assert reader.dense(4, 2) is not None
+    with h5py.File(out) as f:
+        assert f["steps/00000004/layer2/g"].id.get_create_plist().get_filter(0)[0] == 32015  # hdf5plugin's Zstd
 
 
 BAD = {
@@ -202,6 +219,7 @@ BAD = {
     "steps and epochs": ["--steps", "3", "--epochs", "1"],
     "force and resume": ["--force", "--resume"],
     "not a number": ["--steps", "many"],
+    "unknown compression": ["--compression", "brotli"],
 }
 
 

@@ -16,9 +16,17 @@ import numpy as np
 import pytest
 import torch
 
+from fisherlab import store
 from fisherlab.errors import StoreFormatError, UserInputError
 from fisherlab.kron import BlockStats
-from fisherlab.store import FORMAT, FORMAT_VERSION, RunReader, RunWriter
+from fisherlab.store import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    FORMAT,
+    FORMAT_VERSION,
+    RunReader,
+    RunWriter,
+)
 
 LAYERS = {1: (4, 3), 2: (3, 5)}
 CONFIG = {"problem": "4-3-5", "optimizer": {"name": "adam", "lr": 1e-3}, "batch_size": 6, "layers": [1, 2]}
@@ -270,7 +278,16 @@ def test_analysis_groups(tmp_path):
         assert reader.steps() == [0, 5, 10]
 
 
-@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+# HDF5 filter ids in a dataset's pipeline, by compression name (32004 and 32015: hdf5plugin's).
+_FILTER_IDS = {"lz4": [32004], "zstd": [32015], "gzip": [h5py.h5z.FILTER_DEFLATE], "lzf": [32000], "none": []}
+
+
+def _filter_ids(dataset: h5py.Dataset) -> list[int]:
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+
+
+@pytest.mark.parametrize("compression", list(COMPRESSIONS))
 def test_compressions_and_float64_statistics_round_trip_exactly(tmp_path, compression):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(5, 4, generator=gen, dtype=torch.float64)
@@ -283,5 +300,100 @@ def test_compressions_and_float64_statistics_round_trip_exactly(tmp_path, compre
         back = reader.stats(0, 1)
         assert torch.equal(back.a, stats.a) and torch.equal(back.g, stats.g)  # float64 kept
         assert torch.equal(reader.dense(0, 1), stats.to_dense())
+    with h5py.File(path) as f:
+        for name in ("a", "g", "fisher"):
+            assert _filter_ids(f[f"steps/00000000/layer1/{name}"]) == _FILTER_IDS[compression]
     with pytest.raises(UserInputError, match="unknown compression"):
-        RunWriter(tmp_path / "other.h5", {}, {1: (3, 3)}, compression="zstd")
+        RunWriter(tmp_path / "other.h5", {}, {1: (3, 3)}, compression="brotli")
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip"])
+def test_chunks_are_whole_rows_of_about_chunk_bytes(tmp_path, monkeypatch, compression):
+    monkeypatch.setattr(store, "CHUNK_BYTES", 1000)
+    layers = {1: (4, 3), 2: (300, 2)}  # rows of a: 20 bytes (50 a chunk), layer 2: 1,204 bytes (1)
+    stats = _stats(0, layers, n=120)
+    path = tmp_path / "run.h5"
+    with RunWriter(path, CONFIG, layers, compression=compression) as writer:
+        writer.write_step(0, 0, 1.0, stats)
+    with h5py.File(path) as f:
+        assert f["steps/00000000/layer1/a"].chunks == (50, 5)
+        assert f["steps/00000000/layer1/g"].chunks == (83, 3)
+        assert f["steps/00000000/layer2/a"].chunks == (1, 301)
+    with RunReader(path) as reader:
+        for layer in layers:
+            assert torch.equal(reader.stats(0, layer).a, stats[layer].a.double())
+            assert torch.equal(reader.stats(0, layer).g, stats[layer].g.double())
+
+
+def test_default_compression_shrinks_relu_like_statistics(tmp_path):
+    # About half the entries exactly zero, as after a ReLU: what the lossless codecs gain on.
+    stats = _stats(0, n=2000)
+    for block in stats.values():
+        block.a[block.a < 0] = 0
+        block.g[block.g < 0] = 0
+    path = tmp_path / "run.h5"
+    with RunWriter(path, CONFIG, LAYERS) as writer:
+        writer.write_step(0, 0, 1.0, stats)
+    with h5py.File(path) as f:
+        datasets = [f[f"steps/00000000/layer{i}/{name}"] for i in LAYERS for name in ("a", "g")]
+        raw = sum(ds.size * ds.dtype.itemsize for ds in datasets)
+        stored = sum(ds.id.get_storage_size() for ds in datasets)
+        assert all(_filter_ids(ds) == _FILTER_IDS[DEFAULT_COMPRESSION] for ds in datasets)
+    assert stored < 0.8 * raw
+
+
+def _write_old_gzip_file(path) -> None:
+    """A run file as fisherlab wrote it before the default became lz4: gzip 4, h5py's own chunks."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "fisherlab_version": "0.1.0",
+             "created": "2026-01-01T00:00:00+00:00", "config": json.dumps(CONFIG), "torch_version": "2.1.0",
+             "finished": True}
+        )
+        for i, (d_in, d_out) in LAYERS.items():
+            f.create_group(f"layers/layer{i}").attrs.update({"index": i, "d_in": d_in, "d_out": d_out})
+        for step in (0, 5):
+            group = f.create_group(f"steps/{step:08d}")
+            group.attrs.update({"step": step, "epoch": 0, "loss": 0.5, "complete": True})
+            for i, stats in _stats(step).items():
+                for name, x in (("a", stats.a), ("g", stats.g)):
+                    group.create_dataset(f"layer{i}/{name}", data=x.numpy(), chunks=True, compression="gzip",
+                                         compression_opts=4)
+
+
+def test_old_gzip_files_still_read_and_resume(tmp_path):
+    path = tmp_path / "old.h5"
+    _write_old_gzip_file(path)
+    with RunReader(path) as reader:
+        assert reader.steps() == [0, 5] and reader.finished
+        for step, layer, stats in reader.iter_blocks():
+            assert torch.equal(stats.a, _stats(step)[layer].a.double())
+            assert torch.equal(stats.g, _stats(step)[layer].g.double())
+    with RunWriter(path, CONFIG, LAYERS, resume=True) as writer:  # new steps in the default compression
+        writer.write_step(10, 2, 0.1, _stats(10))
+    with RunReader(path) as reader:
+        assert reader.steps() == [0, 5, 10]
+        assert torch.equal(reader.stats(10, 2).g, _stats(10)[2].g.double())
+        assert torch.equal(reader.stats(0, 2).g, _stats(0)[2].g.double())
+
+
+_PLAIN_READ = textwrap.dedent(
+    """
+    import sys
+    import h5py  # no hdf5plugin, no fisherlab: a plain HDF5 reader
+    with h5py.File(sys.argv[1]) as f:
+        print(f["steps/00000000/layer2/g"][()].sum())
+    assert "hdf5plugin" not in sys.modules
+    """
+)
+
+
+def test_gzip_files_need_no_plugin(tmp_path):
+    path = tmp_path / "run.h5"
+    _write(path, steps=(0,), compression="gzip")
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAIN_READ, str(path)], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(float(_stats(0)[2].g.sum()), rel=1e-5)
