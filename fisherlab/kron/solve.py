@@ -10,8 +10,9 @@ Where the damping goes (λ is the Tikhonov damping, π = √((tr A / m) / (tr G 
 - ``scheme="exact"`` (one term only): ``A ⊗ G + λ I`` through the eigendecompositions of
   ``A`` and ``G``.
 - two terms ``A ⊗ G + C ⊗ D`` (Koroko et al. 2022, §3.4): the π-damping is put on the first
-  (positive semi-definite) term only, ``A_λ ⊗ G_λ + C ⊗ D``. With ``A_λ^{-1/2} C A_λ^{-1/2} =
-  Q₁ S₁ Q₁ᵀ``, ``G_λ^{-1/2} D G_λ^{-1/2} = Q₂ S₂ Q₂ᵀ`` and ``P_i = (·)^{-1/2} Q_i``,
+  (positive semi-definite) term only, ``A_λ ⊗ G_λ + C ⊗ D``. With whiteners
+  ``W_A W_Aᵀ = A_λ⁻¹`` from Cholesky factors (the paper's ``A_λ^{-1/2}`` up to a rotation),
+  ``W_Aᵀ C W_A = Q₁ S₁ Q₁ᵀ``, ``W_Gᵀ D W_G = Q₂ S₂ Q₂ᵀ`` and ``P_1 = W_A Q₁``, ``P_2 = W_G Q₂``,
 
   .. math::
       (A_λ ⊗ G_λ + C ⊗ D)^{-1} = (P_1 ⊗ P_2)\\,(I + S_1 ⊗ S_2)^{-1}\\,(P_1 ⊗ P_2)^\\top.
@@ -70,11 +71,23 @@ def pi_factor(act: Tensor, grad: Tensor) -> float:
     return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
 
 
-def _inv_sqrt(matrix: Tensor, what: str) -> Tensor:
-    lam, q = safe_eigh(matrix)
-    if lam.min() <= 0:
-        raise FactorizationError(f"the damped {what} factor is not positive definite (min eigenvalue {float(lam.min()):.3g})")
-    return (q * lam.rsqrt()) @ q.mT
+def _whitener(matrix: Tensor, what: str) -> Tensor:
+    """``W = L⁻ᵀ`` for the Cholesky factor ``L Lᵀ = M``: ``W Wᵀ = M⁻¹`` and ``Wᵀ M W = I``.
+
+    Any such ``W`` whitens for the §3.4 solve (it is ``M^{-1/2}`` up to a rotation, which the
+    eigenvectors of the whitened correction absorb); Cholesky costs a tenth of the
+    eigendecomposition an inverse square root needs, and fails exactly when the damped
+    factor is not numerically positive definite. Retried in float64 before giving up.
+    """
+    sym = (matrix + matrix.mT) / 2
+    for attempt in (sym, sym.double()):
+        chol, info = torch.linalg.cholesky_ex(attempt)
+        if int(info) == 0:
+            eye = torch.eye(sym.shape[-1], dtype=attempt.dtype, device=attempt.device)
+            return torch.linalg.solve_triangular(chol, eye, upper=False).mT.to(sym.dtype)
+        if attempt.dtype == torch.float64:
+            break
+    raise FactorizationError(f"the damped {what} factor is not positive definite (Cholesky failed even in float64)")
 
 
 class DampedInverse:
@@ -143,12 +156,12 @@ def damped_inverse(
     root = math.sqrt(damping)
     eye_a = torch.eye(m, dtype=act.dtype, device=act.device)
     eye_g = torch.eye(n, dtype=grad.dtype, device=grad.device)
-    inv_a = _inv_sqrt(act + pi * root * eye_a, "activation")
-    inv_g = _inv_sqrt(grad + root / pi * eye_g, "gradient")
+    inv_a = _whitener(act + pi * root * eye_a, "activation")
+    inv_g = _whitener(grad + root / pi * eye_g, "gradient")
     if op.rank == 1 or indefinite == "drop":
         return DampedInverse(inv_g, inv_a, torch.ones(n, m, dtype=act.dtype, device=act.device))
-    s1, q1 = safe_eigh(inv_a @ op.act[1] @ inv_a)
-    s2, q2 = safe_eigh(inv_g @ op.grad[1] @ inv_g)
+    s1, q1 = safe_eigh(inv_a.mT @ op.act[1] @ inv_a)
+    s2, q2 = safe_eigh(inv_g.mT @ op.grad[1] @ inv_g)
     denom = 1 + s2[:, None] * s1[None, :]
     low = denom < floor
     clipped = int(low.sum())
