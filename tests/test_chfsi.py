@@ -1,0 +1,105 @@
+"""Chebyshev-filtered subspace iteration for the top eigenvalues of Kronecker sums, against dense eigvalsh."""
+
+import pytest
+import torch
+
+import fisherlab.kron.metrics as metrics_module
+import fisherlab.kron.operator as operator_module
+from fisherlab.kron import ExactReference, KronSum, dense_error2, fit
+from fisherlab.kron.chfsi import kron_top_eigenvalues
+
+from .conftest import _random, devices
+
+
+def _sum(seed: int, m: int, n: int, rank: int = 2, dead: bool = False) -> KronSum:
+    """A PSD first term, then indefinite terms of comparable size; optionally dead units."""
+    gen = torch.Generator().manual_seed(seed)
+    xa = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+    xg = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
+    act, grad = [xa @ xa.T / m], [xg @ xg.T / n]
+    for _ in range(rank - 1):
+        c = torch.randn(m, m, generator=gen, dtype=torch.float64)
+        d = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        act.append(0.5 * (c + c.T))
+        grad.append(0.5 * (d + d.T))
+    act, grad = torch.stack(act), torch.stack(grad)
+    if dead:  # zero rows and columns in every factor
+        act[:, 1], act[:, :, 1] = 0, 0
+        grad[:, 0], grad[:, :, 0] = 0, 0
+    return KronSum(act, grad)
+
+
+def _dense_top(op: KronSum) -> torch.Tensor:
+    return torch.linalg.eigvalsh(op.to_dense()).flip(0)
+
+
+@pytest.mark.parametrize("rank,dead,ks", [(2, False, "all"), (3, False, (1, 5, 21, 41)), (2, True, (1, 5, 21, 41))])
+def test_top_eigenvalues_match_dense(rank, dead, ks):
+    op = _sum(rank + 10 * dead, 7, 6, rank, dead)
+    lam = _dense_top(op)
+    assert lam.min() < -0.1 * lam.max()  # indefinite, with a sizeable negative part
+    for k in range(1, op.p) if ks == "all" else ks:
+        out = kron_top_eigenvalues(op.act, op.grad, k, tol=1e-13)
+        assert torch.allclose(out.values, lam[:k], rtol=0, atol=1e-11 * lam.abs().max()), k
+        assert (out.residuals >= 0).all() and out.sweeps >= 1
+
+
+def test_k_must_be_below_p():
+    op = _sum(0, 3, 2)
+    with pytest.raises(ValueError):
+        kron_top_eigenvalues(op.act, op.grad, op.p)
+
+
+def test_weighted_accuracy_is_met():
+    op = _sum(4, 12, 10)
+    lam = _dense_top(op)
+    k, tol = 40, 1e-6
+    w = 0.8 ** torch.arange(k, dtype=torch.float64)
+    out = kron_top_eigenvalues(op.act, op.grad, k, tol=tol, weights=w)
+    assert float((w * (out.values - lam[:k]).abs()).sum()) <= tol * float((w * out.values.abs()).sum())
+    assert float((w * out.residuals).sum()) <= tol * float((w * out.values.abs()).sum()) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_float32_and_device(device):
+    op = _sum(5, 9, 8)
+    lam = _dense_top(op)
+    out = kron_top_eigenvalues(op.act.float().to(device), op.grad.float().to(device), 20, tol=1e-5)
+    assert out.values.dtype == torch.float32 and out.values.device.type == device
+    assert torch.allclose(out.values.cpu().double(), lam[:20], rtol=0, atol=1e-4 * lam.abs().max())
+
+
+@pytest.fixture
+def subspace_path(monkeypatch):
+    """Route every multi-term KronSum.eigenvalues through the subspace iteration; count the calls."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return kron_top_eigenvalues(*args, **kwargs)
+
+    monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    monkeypatch.setattr(operator_module, "ITERATIVE_MAX_FRACTION", 1.0)
+    monkeypatch.setattr(operator_module, "ARPACK_MAX_K", 0)
+    monkeypatch.setattr(operator_module, "kron_top_eigenvalues", spy)
+    return calls
+
+
+def test_kronsum_eigenvalues_through_the_subspace_iteration(subspace_path):
+    op = _sum(6, 8, 5, dead=True)
+    lam = _dense_top(op)
+    for k in (1, 7, 20, op.p - 1, op.p):
+        assert torch.allclose(op.eigenvalues(k, tol=1e-13), lam[:k], rtol=0, atol=1e-11 * lam.abs().max()), k
+    assert subspace_path == [1, 7, 20]  # k ≥ the restricted size (28) is left to eigvalsh
+
+
+@pytest.mark.parametrize("method", ["deflation", "lanczos", "kfac_corrected"])
+def test_error2_through_the_subspace_iteration_equals_dense(method, subspace_path, monkeypatch):
+    monkeypatch.setattr(metrics_module, "DENSE_EIG_LIMIT", 0)  # rtol = 0 then runs at EXACT_TOL
+    stats = _random(11, 60, 12, 10)  # p = 130, N = 60
+    op = fit(method, stats).op
+    exact = dense_error2(stats.to_dense(), op.to_dense())
+    est = ExactReference(stats).error2(op)
+    assert subspace_path == [60]
+    assert abs(est.value - exact) <= 1e-8 * exact
+    assert abs(est.value - exact) <= est.halfwidth + 1e-14 and est.halfwidth <= 1e-8 * exact
