@@ -47,7 +47,6 @@ import torch
 
 from fisherlab.kron import BlockStats, ExactReference, KronSum, dense_error1, fit
 from fisherlab.kron.fitters import options_of
-from fisherlab.kron.operator import DENSE_EIG_LIMIT
 
 METHODS5 = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
 MNIST = "784-1000-500-250-30-250-500-1000-784"
@@ -105,7 +104,7 @@ def error2_capped(ref: ExactReference, approx: KronSum, rtol: float, timeout: fl
     """(seconds, value, halfwidth, finished). Cheap cases run in-process; multi-term sums above
     the dense limit in a spawned child (fork is unsafe after OpenMP has run), stopped after
     ``timeout`` seconds of compute (then seconds = timeout, a lower bound)."""
-    if approx.rank == 1 or approx.p <= DENSE_EIG_LIMIT or not timeout:
+    if approx.eigen_solver(ref.eigenvalues.shape[0]) in ("closed form", "dense") or not timeout:
         t0 = time.perf_counter()
         out = ref.error2(approx, rtol=rtol)
         return time.perf_counter() - t0, out.value, out.halfwidth, True
@@ -234,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
-    from fisherlab.store import RunReader
-
     import fisherlab
+    from fisherlab.store import RunReader
 
     print(f"fisherlab analysis benchmark: fisherlab from {Path(fisherlab.__file__).parent} dtype=float64 threads={torch.get_num_threads()} "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} torch={torch.__version__} "

@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.operator import DENSE_EIG_LIMIT, KronSum
+from fisherlab.kron.operator import KronSum
 from fisherlab.kron.stats import BlockStats
 
 #: Weighted relative accuracy of the eigenvalues of large multi-term ``F̂`` for ``rtol = 0``
@@ -75,7 +75,7 @@ class ExactReference:
         lam_f = self.eigenvalues
         k_all = lam_f.shape[0]
         base = self.norm2 + approx.inner(approx)
-        dense = approx.rank == 1 or approx.p <= DENSE_EIG_LIMIT
+        dense = approx.eigen_solver(k_all) in ("closed form", "dense")  # exact to rounding
         exact = rtol <= 0 or dense
         k = k_all if exact else min(k_all, 32)
         mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i

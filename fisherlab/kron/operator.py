@@ -12,6 +12,8 @@ Closed forms used here:
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
@@ -138,12 +140,13 @@ class KronSum:
             ea = torch.linalg.eigvalsh(sym.act[0])
             eg = torch.linalg.eigvalsh(sym.grad[0])
             return torch.sort((ea[:, None] * eg[None, :]).flatten(), descending=True).values[:k]
-        small = sym.compressed()
+        small = self._compressed
         zeros = sym.act.new_zeros(min(k, self.p - small.p))
         kk = min(k, small.p)
-        if small.p <= DENSE_EIG_LIMIT or kk == small.p or block_size(kk, small.p) > ITERATIVE_MAX_FRACTION * small.p:
+        solver = self.eigen_solver(k)
+        if solver == "dense":
             top = torch.linalg.eigvalsh(small.to_dense(max_entries=small.p**2)).flip(0)[:kk]
-        elif kk < ARPACK_MAX_K and small.act.device.type == "cpu":
+        elif solver == "arpack":
             n, m = small.d_grad, small.d_act
 
             def matvec(v: Tensor) -> Tensor:  # any fixed flattening of X (n × m) will do
@@ -154,6 +157,21 @@ class KronSum:
             w = None if weights is None else weights[:kk]
             top = kron_top_eigenvalues(small.act, small.grad, kk, tol=tol, weights=w).values
         return torch.sort(torch.cat([top, zeros]), descending=True).values[:k]
+
+    def eigen_solver(self, k: int | None = None) -> str:
+        """Which solver :meth:`eigenvalues` uses for the top ``k``: ``"closed form"`` (one term) or
+        ``"dense"`` (both exact to rounding), ``"arpack"`` or ``"chfsi"`` (accurate to ``tol``)."""
+        if self.rank == 1:
+            return "closed form"
+        small = self._compressed
+        kk = min(self.p if k is None else k, small.p)
+        if small.p <= DENSE_EIG_LIMIT or kk == small.p or block_size(kk, small.p) > ITERATIVE_MAX_FRACTION * small.p:
+            return "dense"
+        return "arpack" if kk < ARPACK_MAX_K and small.act.device.type == "cpu" else "chfsi"
+
+    @cached_property
+    def _compressed(self) -> KronSum:
+        return self.symmetrized().compressed()
 
     def compressed(self) -> KronSum:
         """The same sum restricted to the joint ranges of its factors (exact up to rounding).
