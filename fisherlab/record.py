@@ -326,6 +326,7 @@ def record(
     force: bool = False,
     resume: bool = False,
     compression: str = DEFAULT_COMPRESSION,
+    linear_code: bool = False,
     progress: bool = True,
 ) -> Path:
     """Train ``problem`` and record the Fisher statistics of its layers into ``out``.
@@ -364,6 +365,8 @@ def record(
         compression: of the HDF5 datasets: ``"lz4"`` (default, fastest compressed),
             ``"zstd"`` (as small as gzip), ``"gzip"`` (readable by any HDF5 tool without
             plugins), ``"lzf"`` or ``"none"``; :mod:`fisherlab.store` gives the measured trade-off.
+        linear_code: no ReLU after the narrowest hidden layer (Hinton & Salakhutdinov's
+            auto-encoders; the default, ReLU everywhere, is the authors' code).
         progress: show a progress bar (step, loss, ETA).
 
     Returns:
@@ -375,7 +378,7 @@ def record(
         KeyboardInterrupt: when interrupted; every completed step stays in the file (a new
             file without any completed step is removed).
     """
-    prob = get_problem(problem)
+    prob = get_problem(problem, linear_code=bool(linear_code))
     if optimizer not in OPTIMIZERS:
         raise UserInputError(f"unknown optimizer {optimizer!r}; record drives {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LR.get(optimizer) if lr is None else lr
@@ -436,6 +439,7 @@ def record(
         "problem": prob.name,
         "layer_sizes": list(prob.layer_sizes),
         "output": prob.output,
+        "linear_code": prob.linear_code,
         "optimizer": {"name": optimizer, **settings},
         "batch_size": batch_size,
         "seed": int(seed),

@@ -313,3 +313,13 @@ def test_interrupt_before_the_first_step_keeps_nothing(tmp_path, capsys, monkeyp
     assert _cli("--problem", PROBLEM, "--steps", "4", "--out", str(out)) == 130
     assert "nothing was kept" in capsys.readouterr().err
     assert not out.exists() and not checkpoint_path(out).exists()
+
+
+def test_linear_code_layer(tmp_path):
+    # Without the ReLU after the code layer (6 units), layer 2's inputs take negative values.
+    relu = _run(tmp_path, "relu.h5", steps=2, every=1)
+    linear = _run(tmp_path, "linear.h5", steps=2, every=1, linear_code=True)
+    with RunReader(relu) as a, RunReader(linear) as b:
+        assert a.config["linear_code"] is False and b.config["linear_code"] is True
+        assert float(a.stats(0, 2).a.min()) >= 0
+        assert float(b.stats(0, 2).a.min()) < 0

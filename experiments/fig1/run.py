@@ -1,6 +1,7 @@
 """Runner for Figure 1: record an Adam run per problem (layer 5 only), then analyze it.
 
-Each problem goes to ``results/<profile>/<problem>/``: ``run.h5`` (recorded statistics and
+Each entry of a profile (a problem, or a named variant with ``"problem"`` and options such as
+``"linear_code"``) goes to ``results/<profile>/<entry>/``: ``run.h5`` (recorded statistics and
 the analysis, not committed) and ``errors.csv``. What exists is reused: a finished
 recording is not redone (an interrupted one is resumed) and the analysis skips the blocks
 it already holds. Then ``plot.py`` draws the figures.
@@ -55,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         if not recorded(run):
             print(f"== {problem}: recording layer {config['layer']} ({settings})", flush=True)
             record(
-                problem, run, epochs=settings["epochs"], every=settings["every"], layers=[config["layer"]],
-                fisher=config["fisher"], mc_samples=config["mc_samples"], dense_budget=0, seed=config["seed"],
-                data_dir=args.data_dir, device=args.device, resume=run.exists(),
+                settings.get("problem", problem), run, epochs=settings["epochs"], every=settings["every"],
+                layers=[config["layer"]], fisher=config["fisher"], mc_samples=config["mc_samples"], dense_budget=0,
+                seed=config["seed"], data_dir=args.data_dir, device=args.device, resume=run.exists(),
+                linear_code=settings.get("linear_code", False),
             )
         print(f"== {problem}: analyzing", flush=True)
         analyze(run, out_dir=out, methods=config["methods"], device=args.device, error2_rtol=config["error2_rtol"])

@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--force", action="store_true", help="overwrite an existing run file")
     mode.add_argument("--resume", action="store_true", help="continue an existing run file from its last checkpoint")
+    parser.add_argument("--linear-code", action="store_true",
+                        help="no ReLU after the narrowest hidden layer (Hinton & Salakhutdinov); default: ReLU everywhere")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             resume=args.resume,
             compression=args.compression,
+            linear_code=args.linear_code,
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:

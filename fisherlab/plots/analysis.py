@@ -52,7 +52,7 @@ def describe_run(config: Mapping) -> str:
     """
     parts = []
     if config.get("problem") is not None:
-        parts.append(str(config["problem"]))
+        parts.append(str(config["problem"]) + (" (linear code layer)" if config.get("linear_code") else ""))
     optimizer = config.get("optimizer")
     if isinstance(optimizer, Mapping):  # the config may hold the optimizer with its settings
         optimizer = optimizer.get("name")
