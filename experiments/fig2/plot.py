@@ -1,38 +1,68 @@
 """Draw Figure 2 from the runner's best runs: ``figures/fig2_<problem>_<profile>.{png,pdf}``.
 
+The title names the problem and the profile's settings (``label`` in ``config.json``). A problem
+whose best runs' ``history.csv`` files are not on this machine (``runs/`` is not committed) is
+skipped and its existing figure left alone.
+
 Usage::
 
-    python experiments/fig2/plot.py --profile cpu
+    python experiments/fig2/plot.py --profile cpu [--problems mnist]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 from fisherlab.plots.training import plot_histories
 from fisherlab.training import History
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+FIGURES = ROOT / "figures"
+sys.path.insert(0, str(HERE))
+from run import load_config, problem_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--problems", nargs="+", help="default: every problem in best.json")
     args = parser.parse_args(argv)
     best_path = HERE / "results" / args.profile / "best.json"
     if not best_path.exists():
         raise SystemExit(f"{best_path} does not exist; run experiments/fig2/run.py --profile {args.profile} first")
-    config = json.loads((HERE / "config.json").read_text())
-    order = config["optimizers"]
+    settings = load_config(args.profile)
+    order = settings["optimizers"]
     best = json.loads(best_path.read_text())
-    for problem, by_opt in best.items():
-        histories = {name: History.read_csv(HERE / by_opt[name]["history"]) for name in order if name in by_opt}
-        paths = plot_histories(histories, HERE.parents[1] / "figures", f"fig2 {problem} {args.profile}")
-        for path in paths:
-            print(path.relative_to(HERE))
+    for problem in args.problems or list(best):
+        by_opt = best.get(problem)
+        if not by_opt:
+            print(f"{problem}: no best runs in {best_path.relative_to(ROOT)}")
+            continue
+        files = {name: HERE / by_opt[name]["history"] for name in order if name in by_opt}
+        missing = [name for name, path in files.items() if not path.exists()]
+        if missing:
+            print(f"{problem}: skipped, histories not on this machine for {', '.join(missing)} "
+                  f"(run experiments/fig2/run.py --profile {args.profile} --problems {problem})")
+            continue
+        histories = {name: History.read_csv(path) for name, path in files.items()}
+        label = next((r["label"] for r in by_opt.values() if "label" in r), None)
+        label = label or problem_settings(settings, problem).get("label", args.profile)
+        title = textwrap.fill(f"Figure 2 ({args.profile} profile): {label}", width=95)
+        stem = f"fig2_{problem}_{args.profile}"
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            # plot_histories names its files after the title; give them the fixed stem.
+            for path in plot_histories(histories, tmp, title):
+                target = FIGURES / f"{stem}{path.suffix}"
+                shutil.move(str(path), target)
+                print(target.relative_to(ROOT))
     return 0
 
 
