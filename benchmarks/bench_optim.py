@@ -10,7 +10,7 @@ inverses (``t_plain``) are measured separately, each the median of a few repetit
 
 which is what a run of T steps costs. Ratios are against Adam and against our KFAC, all
 measured in the same process. The last column is the ratio to Adam that flop counts alone
-imply as T → ∞ (:func:`flop_bound`): applying a Kronecker inverse to every gradient costs
+imply as T → ∞ (:func:`flop_estimate`): applying a Kronecker inverse to every gradient costs
 about as much as the forward and backward passes at the paper's batch sizes.
 
 Averaging (``average``): on one layer, during an Adam run, the exact running block
@@ -95,8 +95,9 @@ def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[i
     return rows
 
 
-def flop_bound(name: str, terms: int) -> float:
-    """Seconds per step against Adam's implied by flop counts alone, as T → ∞.
+def flop_estimate(name: str, terms: int) -> float:
+    """Seconds per step against Adam's implied by flop counts alone, as T → ∞ (an estimate:
+    elementwise work and memory traffic, which Adam's step has too, are not counted).
 
     Every step applies ``(F̂ + λ)⁻¹`` to each layer's gradient ``(n × m)``: two products
     (``2n²m + 2nm²`` flops) for one cached Kronecker inverse, four for the two-term §3.4 form;
@@ -110,9 +111,9 @@ def flop_bound(name: str, terms: int) -> float:
 
 
 def table(rows: list[dict], periods: tuple[int, ...]) -> str:
-    """A markdown table of seconds per step, the ratios to Adam and to KFAC, and the flop bound."""
+    """A markdown table of seconds per step, the ratios to Adam and to KFAC, and the flop estimate."""
     lines = ["| problem | optimizer | " + " | ".join(f"s/step T={p} | ×Adam | ×KFAC" for p in periods)
-             + " | flop bound ×Adam (T → ∞) |",
+             + " | flop estimate ×Adam (T → ∞) |",
              "|---|---|" + "---|---|---|" * len(periods) + "---|"]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         by = {r["optimizer"]: r for r in rows if r["problem"] == problem}
@@ -121,7 +122,7 @@ def table(rows: list[dict], periods: tuple[int, ...]) -> str:
             for p in periods:
                 key = f"T={p}"
                 cells.append(f"{r[key]:.4f} | {r[key] / by['adam'][key]:.2f} | {r[key] / by['kfac'][key]:.2f}")
-            bound = f"{flop_bound(problem, PRESETS[name]['rank']):.2f}" if name in PRESETS else "—"
+            bound = f"{flop_estimate(problem, PRESETS[name]['rank']):.2f}" if name in PRESETS else "—"
             lines.append(f"| {problem} | {name} | " + " | ".join(cells) + f" | {bound} |")
     return "\n".join(lines)
 
