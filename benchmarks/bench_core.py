@@ -212,7 +212,7 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
         note = f"E2={fe2:.4g}" if done else f"E2 stopped after {e2_timeout:g} s"
         if lam_hat is not None:
             de2 = float(torch.linalg.vector_norm(lam_f - lam_hat) / torch.linalg.vector_norm(lam_f))
-            note += f" (dense {de2:.4g})"
+            note += f" (dense {de2:.4g}, |ΔE2|/E2 {abs(fe2 - de2) / max(de2, 1e-300):.1e})" if done else f" (dense {de2:.4g})"
         Table.row(tag, f"E2 {method} vs eigvalsh(F̂)", t_deig, t_fe2, est=not dense_eig, note=note, free_lb=not done)
         res["e2"][method] = (t_deig, t_fe2, not dense_eig, not done)
         tot_dense += t_hat + t_de1 + t_deig

@@ -109,15 +109,14 @@ def options_of(method: str) -> tuple[str, ...]:
     return tuple(name for name in params if name not in ("stats", "rank", "init"))
 
 
-def _terms(t: Triplets) -> KronSum:
-    root = t.sigma.clamp_min(0).sqrt()[:, None, None]
-    return KronSum(root * t.left, root * t.right)
-
-
 def _scaled(t: Triplets) -> tuple[Tensor, Tensor]:
-    # The term σ u vᵀ as (√σ u, √σ v), in the operator's vector shape.
+    # The terms σ u vᵀ as (√σ u, √σ v), in the operator's vector shape.
     root = t.sigma.clamp_min(0).sqrt().reshape(-1, *([1] * (t.left.ndim - 1)))
     return root * t.left, root * t.right
+
+
+def _terms(t: Triplets) -> KronSum:
+    return KronSum(*_scaled(t))
 
 
 def _psd_first(op: KronSum) -> KronSum:
