@@ -117,7 +117,7 @@ class AveragedBlock:
             torch.zeros(1, dtype=self.dtype, device=self.device),
         ])
         return ZFactors(self.a, torch.cat([self.previous.act, act_k[None]]), self.g,
-                        torch.cat([self.previous.grad, grad_k[None]]), torch.diag(diag))
+                        torch.cat([self.previous.grad, grad_k[None]]), diag)
 
     @cached_property
     def z_coordinates(self) -> GramRearranged:

@@ -2,7 +2,7 @@
 
 Every block the fitters see factors as ``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
 ``vec(a_n a_nᵀ)`` (and, for an averaged block, the previous approximation's factors), those
-of ``D_g`` likewise, and ``W`` is a small weight matrix (``I/N`` for a mini-batch block,
+of ``D_g`` likewise, and ``W`` is a diagonal of weights (``I/N`` for a mini-batch block,
 paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.rsvd.power_svd`
 and :func:`~fisherlab.kron.rsvd.lanczos_svd`:
 
@@ -37,7 +37,8 @@ class ZFactors:
         act_samples: ``(N, m)``: ``vec(a_n a_nᵀ)`` are the first ``N`` columns of ``D_a``.
         act_extra: ``(r, m, m)``: the remaining columns of ``D_a``.
         grad_samples: ``(N, n)``; grad_extra: ``(s, n, n)``: likewise for ``D_g``.
-        weights: ``W``, of shape ``(N + r, N + s)``.
+        weights: the diagonal of ``W``, of length ``N + r`` (``r = s``: the extra matrices come
+            in pairs, one term ``vec(E_j) vec(E'_j)ᵀ`` each).
     """
 
     act_samples: Tensor
@@ -174,7 +175,8 @@ class GramRearranged:
     def of(cls, block) -> GramRearranged:
         f: ZFactors = block.rearranged_factors()
         span_act, span_grad = FactorSpan(f.act_samples, f.act_extra), FactorSpan(f.grad_samples, f.grad_extra)
-        core = span_act.root[:, None] * (span_act.basis.T @ f.weights.double() @ span_grad.basis) * span_grad.root
+        weighted = span_act.basis.T * f.weights.double()
+        core = span_act.root[:, None] * (weighted @ span_grad.basis) * span_grad.root
         return cls(span_act, span_grad, core)
 
     def minus(self, left: Tensor, right: Tensor) -> GramRearranged:

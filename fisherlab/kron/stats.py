@@ -163,9 +163,9 @@ class BlockStats:
 
     def rearranged_factors(self) -> ZFactors:
         """``Z(F) = D_a W D_gᵀ`` with ``D_a = [vec(a_n a_nᵀ)]``, ``D_g = [vec(g_n g_nᵀ)]``, ``W = I/N``."""
-        eye = torch.eye(self.n_samples, dtype=self.dtype, device=self.device) / self.n_samples
+        weights = torch.full((self.n_samples,), 1 / self.n_samples, dtype=self.dtype, device=self.device)
         return ZFactors(self.a, self.a.new_zeros(0, self.d_act, self.d_act), self.g,
-                        self.g.new_zeros(0, self.d_grad, self.d_grad), eye)
+                        self.g.new_zeros(0, self.d_grad, self.d_grad), weights)
 
     @cached_property
     def z_coordinates(self) -> GramRearranged:
