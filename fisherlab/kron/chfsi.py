@@ -22,19 +22,25 @@ slots are added when they fill up). The degree of each vector follows its own pr
 :data:`MAX_DEGREE`, whose growth factor keeps the filtered block well conditioned.
 
 Stopping. Ritz values never exceed the eigenvalue of the same rank (Cauchy interlacing), and a
-Ritz pair with residual ``r_i = ‖M x_i − θ_i x_i‖`` has an eigenvalue within ``r_i`` of ``θ_i``.
-A wanted pair is locked (kept, no longer filtered, projected out of the rest) once
-``w_i r_i ≤ (tol/k) Σ_{j≤k} w_j |θ_j|``, so on return
+Ritz pair with residual ``r_i = ‖M x_i − θ_i x_i‖`` has an eigenvalue within ``r_i`` of ``θ_i``;
+if no other eigenvalue lies within ``δ_i > r_i`` of ``θ_i``, within ``r_i²/δ_i`` (Kato–Temple:
+Ritz values converge quadratically). ``δ_i`` is taken from the other Ritz pairs, locked and
+active, as ``min_j |θ_i − θ_j| − r_j``, and the error bound of the pair is
+``e_i = min(r_i, r_i²/δ_i)`` (``r_i`` where the intervals overlap). A wanted pair has converged
+once ``w_i e_i ≤ (tol/k) Σ_{j≤k} w_j |θ_j|``, so on return
 
 .. math::
-    \\sum_{i\\le k} w_i |\\theta_i - \\mu_i| \\le \\sum_{i\\le k} w_i r_i
+    \\sum_{i\\le k} w_i |\\theta_i - \\mu_i| \\le \\sum_{i\\le k} w_i e_i
     \\le \\mathrm{tol} \\sum_{i\\le k} w_i |\\theta_i|
 
 (for each returned ``θ_i`` the matched eigenvalue ``μ_i``; the usual caveat of subspace methods,
 an eigenvector orthogonal to every iterate is missed, is met by random start vectors). With unit
 weights this bounds the total eigenvalue error relative to ``Σ|θ_i|``; Error 2 passes
 ``w = λ(F)``, whose decay means the eigenvalues near ``k`` need only a few digits. Tolerances
-below about ``100 ε`` of ``‖F̂‖₂`` are raised to that floor.
+below about ``100 ε`` of ``‖F̂‖₂`` are raised to that floor. Converged pairs are locked (kept,
+no longer filtered, projected out of the rest) only once ``r_i ≤ √ε ‖F̂‖₂``: projecting out a
+less accurate vector would remove part of the wanted eigenvectors from the others and stall
+them; converged pairs above that stay in the block until all ``k`` have converged.
 
 Pure torch: any device, float32 or float64.
 
@@ -65,12 +71,14 @@ class TopEigen:
     Attributes:
         values: the ``k`` largest Ritz values, descending.
         residuals: ``‖M x_i − θ_i x_i‖`` of each, an eigenvalue lies within it.
+        errors: the error bound ``e_i = min(r_i, r_i²/δ_i)`` of each (module docstring).
         sweeps: filter + Rayleigh–Ritz sweeps.
         products: single-vector products with the sum (block products count their vectors).
     """
 
     values: Tensor
     residuals: Tensor
+    errors: Tensor
     sweeps: int
     products: int
 
@@ -163,7 +171,7 @@ def kron_top_eigenvalues(
     x = torch.cat([x.view(-1, m, n), randn(n_rand)])
 
     locked = x.new_zeros(0, m, n)
-    locked_theta, locked_res = x.new_zeros(0), x.new_zeros(0)
+    locked_theta, locked_res, locked_err = x.new_zeros(0), x.new_zeros(0), x.new_zeros(0)
     for sweep in range(1, max_sweeps + 1):
         x = _project_out(x, locked)
         theta, x, mx = _rayleigh_ritz(x, op(x))
@@ -175,26 +183,34 @@ def kron_top_eigenvalues(
         res = torch.linalg.vector_norm((mx - theta[:, None, None] * x).flatten(1), dim=1)
 
         # Error budget over the current top k (locked first: they were in the top k when locked).
-        need = k - locked.shape[0]
+        n_locked = locked.shape[0]
+        need = k - n_locked
         cur = torch.cat([locked_theta, theta[:need]])
         order = torch.argsort(cur, descending=True)
         rank_w = torch.empty_like(cur)
         rank_w[order] = w[: cur.shape[0]]
         budget = tol * float((w[: cur.shape[0]] * cur[order].abs()).sum()) / k
         floor = 100 * eps * float(cur.abs().max())
-        w_act = rank_w[locked.shape[0]:]
-        done = (w_act * res[:need] <= budget) | (res[:need] <= floor)
-        if bool(done.any()):
-            idx = torch.nonzero(done).flatten()
+        w_act = rank_w[n_locked:]
+        gap = _gaps(theta[:need], torch.cat([locked_theta, theta]), torch.cat([locked_res, res]), n_locked)
+        r_act = res[:need]
+        err = torch.where(gap > r_act, r_act**2 / gap, r_act)
+        conv = (w_act * err <= budget) | (r_act <= floor)
+        if bool(conv.all()):
+            vals, idx = torch.sort(cur, descending=True)
+            return TopEigen(vals, torch.cat([locked_res, r_act])[idx], torch.cat([locked_err, err])[idx],
+                            sweep, op.products)
+        lock = conv & (r_act <= max(floor, eps**0.5 * float(cur.abs().max())))
+        if bool(lock.any()):
+            idx = torch.nonzero(lock).flatten()
             locked = torch.cat([locked, x[idx]])
             locked_theta = torch.cat([locked_theta, theta[idx]])
             locked_res = torch.cat([locked_res, res[idx]])
-        if locked.shape[0] >= k:
-            vals, idx = torch.sort(locked_theta, descending=True)
-            return TopEigen(vals[:k], locked_res[idx][:k], sweep, op.products)
+            locked_err = torch.cat([locked_err, err[idx]])
         keep = torch.ones_like(theta, dtype=torch.bool)
-        keep[: need][done] = False
+        keep[:need][lock] = False
         theta, res, x, mx = theta[keep], res[keep], x[keep], mx[keep]
+        w_act, gap, conv = w_act[~lock], gap[~lock], conv[~lock]
         need = k - locked.shape[0]
 
         # Damped interval [lo, a]: below the wanted pairs and the buffer; outliers below lo.
@@ -210,8 +226,12 @@ def kron_top_eigenvalues(
         c, e = (a + lo) / 2, max((a - lo) / 2, eps * max(abs(a), abs(lo), 1e-300))
         z = ((theta - c) / e).abs()
         rate = torch.where(z > 1, torch.log(z + (z * z - 1).clamp_min(0).sqrt()), z.new_zeros(()))
+        # Residual each wanted pair needs: w r²/δ ≤ budget where the gap allows, else w r ≤ budget.
         target = torch.full_like(theta, budget)
-        target[:need] = budget / w_act[~done].clamp_min(1e-300)
+        lin = budget / w_act.clamp_min(1e-300)
+        quad = (lin * gap.clamp_min(0)).sqrt()
+        target[:need] = torch.where(quad < gap, torch.maximum(lin, quad), lin)
+        target[:need][conv] = float("inf")
         target = target.clamp_min(floor)
         want = torch.log((res[:need] / target[:need]).clamp_min(1)) / rate[:need].clamp_min(1e-12)
         deg = torch.ones_like(theta)
@@ -259,6 +279,14 @@ def _filter(op: _Rotated, x: Tensor, mx: Tensor, deg: Tensor, c: float, e: float
     res = torch.empty_like(x)
     res[order] = out.transpose(0, 1)
     return res
+
+
+def _gaps(theta: Tensor, all_theta: Tensor, all_res: Tensor, offset: int) -> Tensor:
+    """``δ_i = min_{j≠i} |θ_i − θ_j| − r_j``: row ``i`` of ``theta`` is row ``offset + i`` of ``all_theta``."""
+    dist = (theta[:, None] - all_theta[None, :]).abs() - all_res[None, :]
+    rows = torch.arange(theta.shape[0], device=theta.device)
+    dist[rows, offset + rows] = float("inf")
+    return dist.min(dim=1).values if all_theta.shape[0] > 1 else torch.full_like(theta, float("inf"))
 
 
 def _project_out(x: Tensor, q: Tensor) -> Tensor:
