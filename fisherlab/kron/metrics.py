@@ -55,11 +55,13 @@ class ExactReference:
     def error2(self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8) -> SpectralError:
         """Relative spectral error, certified to ``rtol``, and the eigenvalues of ``F̂`` it used.
 
-        With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known, the unknown part of
-        ``Σ_{i≤N} λ_i(F) μ_i`` lies in ``T · [μ_lo, μ_k]`` with ``T = Σ_{k<i≤N} λ_i(F)`` and
-        ``μ_lo ≤ λ_min(F̂)`` Weyl's bound (cheap: computing ``λ_min`` itself converges slowly,
-        the bottom of the spectrum being clustered at zero), and also in ``±‖λ_{>k}(F)‖ ·
-        (‖F̂‖² − Σ_{i≤k} μ_i²)^{1/2}`` (Cauchy–Schwarz); ``k`` doubles from 32 until the resulting
+        With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known and ``s = ‖F̂‖² − Σ_{i≤k} μ_i²``
+        (the energy of the rest), the unknown part of ``Σ_{i≤N} λ_i(F) μ_i`` is bounded term by
+        term, ``max(μ_lo, −(s/(p−i+1))^{1/2}) ≤ μ_i ≤ min(μ_k, (s/(i−k))^{1/2})`` for ``k < i ≤ N``
+        (``μ_lo ≤ λ_min(F̂)`` Weyl's bound, cheap: computing ``λ_min`` itself converges slowly,
+        the bottom of the spectrum being clustered at zero; the square roots because a negative
+        ``μ_i`` makes the ``p − i`` after it no larger, a positive one the ``i − k − 1`` before it
+        no smaller), and also by ``±‖λ_{>k}(F)‖ s^{1/2}`` (Cauchy–Schwarz); ``k`` doubles from 32 until the resulting
         interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N``.
         ``rtol = 0`` asks for all N at once, weighted by ``λ(F)`` to :data:`EXACT_TOL`
         (:meth:`KronSum.eigenvalues`: ``Σ λ_i(F)|θ_i − μ_i| ≤ tol Σ λ_i(F)|θ_i|``; the
@@ -85,13 +87,17 @@ class ExactReference:
             lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k])
             known = (lam_f[:k] * lam_hat).sum()
             slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this
-            tail = lam_f[k:].sum()
-            lo_mu = lam_hat[-1] if exact else min(lam_hat[-1], mu_lo)
-            # Cauchy–Schwarz with Σ_{i>k} μ_i² ≤ ‖F̂‖² − Σ_{i≤k} μ_i² (exact for symmetric F̂).
+            lo_mu = float(lam_hat[-1]) if exact else min(float(lam_hat[-1]), mu_lo)
+            # Σ_{i>k} μ_i² ≤ s = ‖F̂‖² − Σ_{i≤k} μ_i² (exact for symmetric F̂), so by the order of the
+            # μ_i: μ_i ≤ (s/(i−k))^{1/2} and μ_i ≥ −(s/(p−i+1))^{1/2} (a negative μ_i makes all
+            # later ones at least as negative; tight where p ≫ N), and Cauchy–Schwarz.
             energy = (approx.inner(approx) - (lam_hat**2).sum()).clamp_min(0)
             cs = (lam_f[k:] ** 2).sum().sqrt() * energy.sqrt()
-            tail_hi = torch.minimum(tail * lam_hat[-1], cs)
-            tail_lo = torch.maximum(tail * lo_mu, -cs)
+            pos = torch.arange(k + 1, k_all + 1, dtype=lam_f.dtype, device=lam_f.device)
+            mu_hi = torch.minimum((energy / (pos - k)).sqrt(), lam_hat[-1])
+            mu_lo_i = (-(energy / (approx.p - pos + 1)).sqrt()).clamp_min(lo_mu)
+            tail_hi = torch.minimum((lam_f[k:] * mu_hi).sum(), cs)
+            tail_lo = torch.maximum((lam_f[k:] * mu_lo_i).sum(), -cs)
             e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
             e_hi = float((base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
