@@ -98,12 +98,15 @@ def _whitener(chol: Tensor, dtype: torch.dtype) -> Tensor:
 def _whitened_eigh(chol: Tensor, matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``S`` and ``P = L⁻ᵀ Q`` for ``L⁻¹ M L⁻ᵀ = Q S Qᵀ``, in ``matrix``'s dtype.
 
-    Three triangular solves (``L⁻¹ M``, then ``L⁻¹ (L⁻¹ M)ᵀ`` by the symmetry of ``M``, then
-    ``L⁻ᵀ Q``) instead of an explicit inverse and three products.
+    Three triangular solves (``M L⁻ᵀ``, then ``(M L⁻ᵀ)ᵀ L⁻ᵀ`` by the symmetry of ``M``, then
+    ``(Qᵀ L⁻¹)ᵀ``) instead of an explicit inverse and three products. All three solve from
+    the right: on torch's row-major tensors that is up to twice as fast as from the left
+    (one thread, 200 ≤ m ≤ 1000).
     """
-    half = torch.linalg.solve_triangular(chol, matrix.to(chol.dtype), upper=False)
-    s, q = safe_eigh(torch.linalg.solve_triangular(chol, half.mT, upper=False))
-    return s.to(matrix.dtype), torch.linalg.solve_triangular(chol.mT, q, upper=True).to(matrix.dtype)
+    half = torch.linalg.solve_triangular(chol.mT, matrix.to(chol.dtype), upper=True, left=False)
+    s, q = safe_eigh(torch.linalg.solve_triangular(chol.mT, half.mT, upper=True, left=False))
+    p = torch.linalg.solve_triangular(chol, q.mT, upper=False, left=False).mT
+    return s.to(matrix.dtype), p.to(matrix.dtype)
 
 
 class DampedInverse:
