@@ -7,6 +7,7 @@ import torch
 
 from fisherlab.kron import KronSum, fit
 from fisherlab.kron.averaged import AveragedBlock
+from fisherlab.kron import rearranged as rearranged_module
 from fisherlab.kron.layout import rearrange, unvec, vec
 from fisherlab.kron.rearranged import (
     FactorSpan,
@@ -52,6 +53,32 @@ def test_factor_span_coordinates_are_orthonormal_and_project():
     residual = outside - span.lift(span.coords(outside))
     # The residual of an orthogonal projection is orthogonal to the whole span.
     assert span.inner(residual).abs().max() <= 1e-10 * torch.linalg.matrix_norm(outside)
+
+
+@pytest.mark.parametrize("dependent", [False, True])
+def test_cholesky_coordinates_span_what_the_eigendecomposition_keeps(monkeypatch, dependent):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    extra = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    extra = extra + extra.mT
+    if dependent:  # as KFAC-corrected's KFAC term: in the span of the samples and extra[0]
+        extra = torch.cat([extra, (x.T @ x / 10 + 0.5 * extra[0])[None]])
+    cholesky = FactorSpan(x, extra)
+    # The Cholesky basis: T's samples block is L⁻ᵀ, upper triangular.
+    assert torch.equal(cholesky.basis[:10, :10].tril(-1), torch.zeros(10, 10, dtype=torch.float64))
+    monkeypatch.setattr(rearranged_module, "_cholesky_basis", lambda *args: None)
+    eigh = FactorSpan(x, extra)
+    assert cholesky.dim == eigh.dim == 12
+    mats = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cholesky.lift(cholesky.coords(mats)), eigh.lift(eigh.coords(mats)), rtol=1e-10, atol=1e-12)
+    a, b = cholesky.coords(mats), eigh.coords(mats)
+    torch.testing.assert_close(a @ a.T, b @ b.T, rtol=1e-10, atol=1e-12)
+
+
+def test_cholesky_coordinates_refuse_a_singular_gram_matrix():
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # 30 > 4·5/2
+    assert rearranged_module._cholesky_basis((x @ x.T).square(), x.new_zeros(30, 0), x.new_zeros(0, 0)) is None
+    assert FactorSpan(x, x.new_zeros(0, 4, 4)).dim == 10
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))

@@ -217,7 +217,7 @@ def fit_lanczos(
 ) -> FitResult:
     """Lanczos: the top ``rank`` triplets of ``Z(F)`` by restarted Golub–Kahan–Lanczos."""
     op = rearranged(stats)
-    v0 = op.right_of(_start(stats, init, rank)).sum(dim=0)
+    v0 = op.right_of(_start(stats, init, rank).sum(dim=0, keepdim=True))[0]  # linear: one projection
     return _collect("lanczos", op, [lanczos_svd(op, v0, rank, krylov_dim, tol, max_restarts)])
 
 

@@ -9,11 +9,11 @@ and :func:`~fisherlab.kron.rsvd.lanczos_svd`:
 - :class:`Rearranged`, the matrix-free products of Prop. 3.1 on ``m × m`` and ``n × n``
   matrices, ``O(N (m² + n²))`` each;
 - :class:`GramRearranged`, the same operator in orthonormal coordinates of
-  ``span D_a`` and ``span D_g``. With ``H = Dᵀ D = Q Λ Qᵀ`` (for samples ``(a aᵀ)∘²``), the
-  basis ``P = D Q Λ^{-1/2}`` gives ``Z = P_a C P_gᵀ`` with the ``K × K`` core
-  ``C = Λ_a^{1/2} Q_aᵀ W Q_g Λ_g^{1/2}``. A product then costs ``O(K²)`` instead of
+  ``span D_a`` and ``span D_g``. With ``H = Dᵀ D`` (for samples ``(a aᵀ)∘²``), any ``T`` with
+  ``Tᵀ H T = I`` gives the basis ``P = D T`` and ``Z = P_a C P_gᵀ`` with the ``K × K`` core
+  ``C = (H_a T_a)ᵀ W (H_g T_g)``. A product then costs ``O(K²)`` instead of
   ``O(N (m² + n²))`` (MNIST layer 1: 2.6e5 against 8e8 flops), after one ``O(K³)``
-  eigendecomposition per side. The iterates are the direct ones from the first product on:
+  factorization per side. The iterates are the direct ones from the first product on:
   ``Z`` annihilates the part of a start vector outside ``span D_g``.
 
 :func:`rearranged` picks the cheaper form; :func:`kronecker_svd` is the exact SVD of the
@@ -64,27 +64,28 @@ class KroneckerSVD:
 
 
 class FactorSpan:
-    """Orthonormal coordinates of ``span{x_n x_nᵀ} + span{E_j}`` from its Gram matrix.
+    """Orthonormal coordinates of ``span{x_n x_nᵀ} + span{E_j}`` from its Gram matrix ``H = DᵀD``.
 
-    Directions whose Gram eigenvalue is below ``K ε`` of the largest are dropped: they carry
-    at most ``√(K ε)`` of ``‖D‖``, which is rounding noise of the Gram matrix itself.
+    The basis is ``P = D T`` with ``Tᵀ H T = I``: ``basis`` holds ``T`` and ``gram_basis``
+    ``H T = Dᵀ P``. Any orthonormal basis of the span gives the same fits (the solvers and
+    the core's singular values are rotation invariant), so ``T`` comes from a Cholesky factor
+    (:func:`_cholesky_basis`, a tenth of an eigendecomposition's cost) wherever that is
+    certified well conditioned, else from ``H = Q Λ Qᵀ`` (:func:`_eigh_basis`).
     """
 
     def __init__(self, samples: Tensor, extra: Tensor):
         self.lift_samples, self.lift_extra = samples, extra  # lifts run in the working dtype
         x, e = samples.double(), extra.double()
-        cross = quadratic(x, e).T
-        gram = torch.cat(
-            [torch.cat([(x @ x.T).square(), cross], dim=1), torch.cat([cross.T, torch.einsum("rij,sij->rs", e, e)], dim=1)]
-        )
-        lam, q = torch.linalg.eigh((gram + gram.T) / 2)
-        keep = lam > lam[-1].clamp_min(torch.finfo(lam.dtype).tiny) * gram.shape[0] * torch.finfo(lam.dtype).eps
         self.samples, self.extra = x, e
-        self.basis, self.root = q[:, keep], lam[keep].sqrt()  # Q and Λ^{1/2} on the span
+        h11, h12, h22 = (x @ x.T).square(), quadratic(x, e).T, torch.einsum("rij,sij->rs", e, e)
+        found = _cholesky_basis(h11, h12, h22)
+        if found is None:
+            found = _eigh_basis(torch.cat([torch.cat([h11, h12], dim=1), torch.cat([h12.T, h22], dim=1)]))
+        self.basis, self.gram_basis = found
 
     @property
     def dim(self) -> int:
-        return self.root.shape[0]
+        return self.basis.shape[1]
 
     def inner(self, mats: Tensor) -> Tensor:
         """``D_ᵀ vec(M)``: ``x_nᵀ M x_n`` and ``⟨E_j, M⟩`` for matrices of shape (..., d, d)."""
@@ -94,14 +95,61 @@ class FactorSpan:
 
     def coords(self, mats: Tensor) -> Tensor:
         """``Pᵀ vec(M)``, the coordinates of the projection of ``M`` onto the span, shape (..., k)."""
-        return self.inner(mats) @ self.basis / self.root
+        return self.inner(mats) @ self.basis
 
     def lift(self, coords: Tensor) -> Tensor:
         """``P y`` as matrices (..., d, d), in the samples' dtype, for coordinates ``y`` (..., k)."""
         x, e = self.lift_samples, self.lift_extra
-        c = ((coords / self.root) @ self.basis.T).to(x.dtype)
+        c = (coords @ self.basis.T).to(x.dtype)
         n = x.shape[0]
         return weighted_outer(c[..., :n], x) + torch.einsum("...r,rij->...ij", c[..., n:], e)
+
+
+def _cholesky_basis(h11: Tensor, h12: Tensor, h22: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``T`` and ``H T`` from ``H₁₁ = L Lᵀ`` (samples) and the extras' Schur complement, or None.
+
+    With ``B = L⁻¹ H₁₂``, the extras' parts outside the samples' span have the Gram matrix
+    ``S = H₂₂ − BᵀB = V Σ Vᵀ``, and ``T = [[L⁻ᵀ, −L⁻ᵀ B V Σ^{-1/2}], [0, V Σ^{-1/2}]]``,
+    ``H T = [[L, 0], [Bᵀ, V Σ^{1/2}]]``. A direction ``v`` of ``S`` is dropped when the
+    Rayleigh quotient ``σ_v / ‖z_v‖²`` of ``z_v = (−H₁₁⁻¹ H₁₂ v, v)`` is at most ``K ε max diag H``:
+    ``H`` then has an eigenvalue that :func:`_eigh_basis` drops too (an extra matrix already
+    in the span, as KFAC-corrected's KFAC term is). The rest is used only if
+    ``tr H · tr H_kept⁻¹ < 1/(K ε)``: that bounds ``κ(H_kept)`` below the eigendecomposition's
+    threshold, which would keep every one of these directions. None when Cholesky fails or
+    the bound does not hold.
+    """
+    n, k = h11.shape[0], h11.shape[0] + h22.shape[0]
+    eps = torch.finfo(h11.dtype).eps
+    chol, info = torch.linalg.cholesky_ex(h11)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(n, dtype=h11.dtype, device=h11.device)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False, left=False)  # L⁻¹; from the right is faster
+    b = inv @ h12
+    sigma, v = torch.linalg.eigh(h22 - b.T @ b)
+    coef = inv.T @ (b @ v)
+    znorm = 1 + coef.square().sum(dim=0)
+    keep = sigma > znorm * k * eps * torch.cat([h11.diagonal(), h22.diagonal()]).max()
+    sigma, v, coef, znorm = sigma[keep], v[:, keep], coef[:, keep], znorm[keep]
+    trace_inv = inv.square().sum() + (znorm / sigma).sum()
+    if not float((h11.trace() + h22.trace()) * trace_inv) < 1 / (k * eps):
+        return None
+    root = sigma.sqrt()
+    basis = torch.cat([torch.cat([inv.T, -coef / root], dim=1), torch.cat([h12.new_zeros(h12.T.shape), v / root], dim=1)])
+    gram_basis = torch.cat([torch.cat([chol, h12.new_zeros(n, v.shape[1])], dim=1), torch.cat([b.T, v * root], dim=1)])
+    return basis, gram_basis
+
+
+def _eigh_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``T = Q Λ^{-1/2}`` and ``H T = Q Λ^{1/2}`` on the eigenvalues above ``K ε`` of the largest.
+
+    The dropped directions carry at most ``√(K ε)`` of ``‖D‖``, which is rounding noise of
+    the Gram matrix itself.
+    """
+    lam, q = torch.linalg.eigh((gram + gram.T) / 2)
+    keep = lam > lam[-1].clamp_min(torch.finfo(lam.dtype).tiny) * gram.shape[0] * torch.finfo(lam.dtype).eps
+    q, root = q[:, keep], lam[keep].sqrt()
+    return q / root, q * root
 
 
 def quadratic(x: Tensor, mats: Tensor) -> Tensor:
@@ -175,8 +223,7 @@ class GramRearranged:
     def of(cls, block) -> GramRearranged:
         f: ZFactors = block.rearranged_factors()
         span_act, span_grad = FactorSpan(f.act_samples, f.act_extra), FactorSpan(f.grad_samples, f.grad_extra)
-        weighted = span_act.basis.T * f.weights.double()
-        core = span_act.root[:, None] * (weighted @ span_grad.basis) * span_grad.root
+        core = (span_act.gram_basis.T * f.weights.double()) @ span_grad.gram_basis
         return cls(span_act, span_grad, core)
 
     def minus(self, left: Tensor, right: Tensor) -> GramRearranged:
@@ -211,9 +258,12 @@ def rearranged(block) -> Rearranged | GramRearranged:
     """``Z`` of ``block`` in the cheaper form: Gram coordinates if the block already holds them
     (the exact Kronecker SVD built them) or if ``N² ≤ 4 (m² + n²)``, else the direct products.
 
-    The coordinates cost two ``K × K`` eigendecompositions (``≈ 20 N³`` flops) once, a direct
-    product pair ``≈ 4 N (m² + n²)``; a warm-started fit takes about 3 to 30 pairs (Figure 1
-    runs), so the coordinates pay off from ``N² ≈ 4 (m² + n²)`` on.
+    The coordinates cost the Gram matrices once: ``2 N² (m + n)`` flops for the samples',
+    ``2 r N (m² + n²)`` for ``r`` extra matrices' inner products with them, and ``≈ 3 N³`` for
+    the Cholesky factors and triangular inverses (an eigendecomposition, ``≈ 20 N³``, only where
+    those are ill-conditioned). A direct product pair costs ``≈ 4 N (m² + n²)`` and a
+    warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
+    about ``N² ≈ 4 (m² + n²)`` on.
     """
     if "z_coordinates" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
         return block.z_coordinates

@@ -71,23 +71,42 @@ def pi_factor(act: Tensor, grad: Tensor) -> float:
     return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
 
 
-def _whitener(matrix: Tensor, what: str) -> Tensor:
-    """``W = L⁻ᵀ`` for the Cholesky factor ``L Lᵀ = M``: ``W Wᵀ = M⁻¹`` and ``Wᵀ M W = I``.
+def _cholesky(matrix: Tensor, what: str) -> Tensor:
+    """Lower Cholesky factor ``L Lᵀ = M`` of a damped factor, retried in float64 before giving up.
 
-    Any such ``W`` whitens for the §3.4 solve (it is ``M^{-1/2}`` up to a rotation, which the
-    eigenvectors of the whitened correction absorb); Cholesky costs a tenth of the
-    eigendecomposition an inverse square root needs, and fails exactly when the damped
-    factor is not numerically positive definite. Retried in float64 before giving up.
+    ``W = L⁻ᵀ`` whitens for the §3.4 solve (``W Wᵀ = M⁻¹``, ``Wᵀ M W = I``; it is ``M^{-1/2}``
+    up to a rotation, which the eigenvectors of the whitened correction absorb). Cholesky
+    costs a tenth of the eigendecomposition an inverse square root needs, and fails exactly
+    when the damped factor is not numerically positive definite. It reads only the lower
+    triangle, so ``M`` needs no symmetrization. The factor is returned in float64 when the
+    retry was needed.
     """
-    sym = (matrix + matrix.mT) / 2
-    for attempt in (sym, sym.double()):
-        chol, info = torch.linalg.cholesky_ex(attempt)
-        if int(info) == 0:
-            eye = torch.eye(sym.shape[-1], dtype=attempt.dtype, device=attempt.device)
-            return torch.linalg.solve_triangular(chol, eye, upper=False).mT.to(sym.dtype)
-        if attempt.dtype == torch.float64:
-            break
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0 and matrix.dtype != torch.float64:
+        chol, info = torch.linalg.cholesky_ex(matrix.double())
+    if int(info) == 0:
+        return chol
     raise FactorizationError(f"the damped {what} factor is not positive definite (Cholesky failed even in float64)")
+
+
+def _whitener(chol: Tensor, dtype: torch.dtype) -> Tensor:
+    """``W = L⁻ᵀ`` explicitly, in ``dtype``."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).mT.to(dtype)
+
+
+def _whitened_eigh(chol: Tensor, matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``S`` and ``P = L⁻ᵀ Q`` for ``L⁻¹ M L⁻ᵀ = Q S Qᵀ``, in ``matrix``'s dtype.
+
+    Three triangular solves (``M L⁻ᵀ``, then ``(M L⁻ᵀ)ᵀ L⁻ᵀ`` by the symmetry of ``M``, then
+    ``(Qᵀ L⁻¹)ᵀ``) instead of an explicit inverse and three products. All three solve from
+    the right: on torch's row-major tensors that is up to twice as fast as from the left
+    (one thread, 200 ≤ m ≤ 1000).
+    """
+    half = torch.linalg.solve_triangular(chol.mT, matrix.to(chol.dtype), upper=True, left=False)
+    s, q = safe_eigh(torch.linalg.solve_triangular(chol.mT, half.mT, upper=True, left=False))
+    p = torch.linalg.solve_triangular(chol, q.mT, upper=False, left=False).mT
+    return s.to(matrix.dtype), p.to(matrix.dtype)
 
 
 class DampedInverse:
@@ -156,12 +175,13 @@ def damped_inverse(
     root = math.sqrt(damping)
     eye_a = torch.eye(m, dtype=act.dtype, device=act.device)
     eye_g = torch.eye(n, dtype=grad.dtype, device=grad.device)
-    inv_a = _whitener(act + pi * root * eye_a, "activation")
-    inv_g = _whitener(grad + root / pi * eye_g, "gradient")
+    chol_a = _cholesky(act + pi * root * eye_a, "activation")
+    chol_g = _cholesky(grad + root / pi * eye_g, "gradient")
     if op.rank == 1 or indefinite == "drop":
-        return DampedInverse(inv_g, inv_a, torch.ones(n, m, dtype=act.dtype, device=act.device))
-    s1, q1 = safe_eigh(inv_a.mT @ op.act[1] @ inv_a)
-    s2, q2 = safe_eigh(inv_g.mT @ op.grad[1] @ inv_g)
+        ones = torch.ones(n, m, dtype=act.dtype, device=act.device)
+        return DampedInverse(_whitener(chol_g, grad.dtype), _whitener(chol_a, act.dtype), ones)
+    s1, p1 = _whitened_eigh(chol_a, op.act[1])
+    s2, p2 = _whitened_eigh(chol_g, op.grad[1])
     denom = 1 + s2[:, None] * s1[None, :]
     low = denom < floor
     clipped = int(low.sum())
@@ -169,4 +189,4 @@ def damped_inverse(
         raise IndefiniteError(
             f"the damped two-term sum has {clipped} curvatures below {floor} (min {float(denom.min()):.3g})"
         )
-    return DampedInverse(inv_g @ q2, inv_a @ q1, torch.where(low, torch.full_like(denom, floor), denom), clipped)
+    return DampedInverse(p2, p1, torch.where(low, torch.full_like(denom, floor), denom), clipped)

@@ -173,12 +173,13 @@ class BlockStats:
         return GramRearranged.of(self)
 
     def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
-        """Exact Kronecker SVD of F from two N × N eigenproblems (no iteration, any layer size).
+        """Exact Kronecker SVD of F from the two N × N Gram matrices (no iteration, any layer size).
 
-        With ``U = P_a Λ_a^{1/2} Q_aᵀ`` from ``UᵀU = (a aᵀ)∘² = Q_a Λ_a Q_aᵀ`` (likewise V),
-        ``Z(F) = P_a M P_gᵀ`` with ``M = (1/N) Λ_a^{1/2} Q_aᵀ Q_g Λ_g^{1/2}``. The SVD
-        ``M = X Σ Yᵀ`` gives ``R_k = Σ_n c_{kn} a_n a_nᵀ`` with ``c_k = Q_a Λ_a^{-1/2} x_k``: the
-        factors are re-weighted KFAC factors (:func:`fisherlab.kron.rearranged.kronecker_svd`).
+        With ``U = [vec(a_n a_nᵀ)]`` and ``T_a`` such that ``T_aᵀ (a aᵀ)∘² T_a = I`` (likewise V),
+        ``P_a = U T_a`` is orthonormal and ``Z(F) = P_a M P_gᵀ`` with
+        ``M = (1/N) (UᵀU T_a)ᵀ (VᵀV T_g)``. The SVD ``M = X Σ Yᵀ`` gives
+        ``R_k = Σ_n c_{kn} a_n a_nᵀ`` with ``c_k = T_a x_k``: the factors are re-weighted KFAC
+        factors (:func:`fisherlab.kron.rearranged.kronecker_svd`).
 
         Args:
             rank: number of leading terms whose factors are returned (default: all).
