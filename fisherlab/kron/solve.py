@@ -90,9 +90,9 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
 
 
 def _whitener(chol: Tensor, dtype: torch.dtype) -> Tensor:
-    """``W = L⁻ᵀ`` explicitly, in ``dtype``."""
+    """``W = L⁻ᵀ`` explicitly, in ``dtype`` (``L⁻¹`` solved from the right, as in :func:`_whitened_eigh`)."""
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    return torch.linalg.solve_triangular(chol, eye, upper=False).mT.to(dtype)
+    return torch.linalg.solve_triangular(chol, eye, upper=False, left=False).mT.to(dtype)
 
 
 def _whitened_eigh(chol: Tensor, matrix: Tensor) -> tuple[Tensor, Tensor]:
