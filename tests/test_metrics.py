@@ -111,3 +111,50 @@ def test_certified_error2_where_p_is_much_larger_than_n(monkeypatch):
     est = ref.error2(op, rtol=0.1)
     assert abs(est.value - exact) <= est.halfwidth + 1e-12 and est.halfwidth <= 0.1 * est.value
     assert est.eigenvalues.shape[0] == 32
+
+
+def test_top_eigenvalues_are_algebraic_for_indefinite_operators():
+    from fisherlab.kron.topeig import top_eigenvalues
+
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
+    # A decaying spectrum with a negative part of larger magnitude than the top.
+    lam = torch.cat([0.9 ** torch.arange(200.0), -2 * 0.8 ** torch.arange(100.0)]).double()
+    mat = (q * lam) @ q.T
+    out = top_eigenvalues(lambda v: mat @ v, 300, 20, torch.float64, "cpu", tol=0)
+    assert torch.allclose(out, lam.sort(descending=True).values[:20], atol=1e-12)  # algebraic, not |λ|
+
+
+def test_min_eigenvalue_bound_is_a_lower_bound(stats):
+    op = _indefinite(stats)
+    assert op.min_eigenvalue_bound() <= float(torch.linalg.eigvalsh(op.to_dense())[0]) + 1e-14
+
+
+def test_compression_to_the_factor_ranges_keeps_the_spectrum(monkeypatch):
+    from .conftest import _random
+
+    stats = _random(12, 6, 9, 8)  # N = 6 < m, n: fitted factors have rank ≤ 6
+    for method in ("deflation", "kfac_corrected", "gram_svd"):
+        op = fit(method, stats).op
+        small = op.compressed()
+        assert small.d_act <= 6 and small.d_grad <= 6
+        lam = torch.linalg.eigvalsh(op.to_dense()).flip(0)
+        assert torch.allclose(op.eigenvalues(), lam, atol=1e-12 * lam[0])
+        monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+        assert torch.allclose(op.eigenvalues(5), lam[:5], atol=1e-12 * lam[0])
+        monkeypatch.undo()
+
+
+def test_error2_is_exact_when_the_restricted_sum_is_small():
+    # p = 2,440 is above the dense limit, but one repeated input leaves the two-term sum a
+    # range of 1 × 8 dimensions: eigvalsh there is exact, so no solver slack may be reported
+    # (it once gave Error 2 = 2e-6 where the true value is 0: KFAC is exact on repeated
+    # inputs; the matrix-free formulas' rounding floor is about 1e-7).
+    stats = _random(4, 8, 60, 40)
+    stats = BlockStats(stats.a[:1].expand(8, -1).clone(), stats.g)
+    op = fit("deflation", stats).op
+    assert op.rank == 2 and op.eigen_solver(8) == "dense"
+    ref = ExactReference(stats)
+    e2 = ref.error2(op)
+    assert e2.halfwidth == 0
+    assert e2.value <= 1e-7 and ref.error1(op) <= 1e-7
