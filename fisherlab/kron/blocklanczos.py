@@ -1,0 +1,193 @@
+"""The k algebraically largest eigenvalues of a symmetric Kronecker sum, by block Lanczos with
+full reorthogonalization in the eigenbasis of the sum's first term.
+
+Basis. With ``A_1 = U_a diag(α) U_aᵀ`` and ``G_1 = U_g diag(γ) U_gᵀ``, the orthogonal similarity
+``U_a ⊗ U_g`` turns ``F̂ = Σ_j A_j ⊗ G_j`` into ``M = diag(α ⊗ γ) + Σ_{j≥2} B_j ⊗ C_j`` with
+``B_j = U_aᵀ A_j U_a``, ``C_j = U_gᵀ G_j U_g``: same eigenvalues, and the dominant first term
+costs one multiply per entry. A block of ``b`` vectors is held as ``X`` of shape (b, m, n) and
+multiplied in one pass, ``MX = (α γᵀ) ∘ X + Σ_j B_j (X C_j)``.
+
+Iteration. From ``s`` random orthonormal vectors, the block Krylov space of ``M`` is built block
+by block, ``M Q_j = Q_{j−1} L_{j−1}ᵀ + Q_j A_j + L_j Q_{j+1}`` (rows are vectors), each new block
+orthogonalized against the whole basis (once, and a second time when that removed more than half
+of a vector: classical Gram–Schmidt twice is enough), so no Ritz value is repeated. The
+eigenvalues of the block-tridiagonal ``T`` (``A_j`` on the diagonal, ``L_j`` beside it) are the
+Ritz values. Fitted Kronecker sums need a Krylov dimension of about ``2.2 k`` for the top
+``k = N`` to the accuracy of Error 2 (MNIST layer 5: 1,152 products for k = 512, and the
+orthogonalization is matrix–matrix work), where Chebyshev-filtered subspace iteration needed
+about 6,500 products and a Rayleigh–Ritz step per sweep on a block of 1.2 k vectors (2.9 s
+against 7.6 s; FACES, k = 1,024: 20 s against 60 s). A rank-deficient new block (an invariant
+subspace was found) is completed with random directions orthogonal to the basis, which keeps
+``T`` block tridiagonal; at dimension ``p`` the Ritz values are the eigenvalues.
+
+Stopping. Ritz values never exceed the eigenvalue of the same rank (Cauchy interlacing). The Ritz
+pair ``(θ_i, V s_i)`` has residual ``r_i = ‖L_jᵀ s_i^{last}‖`` (``s_i^{last}``: the last block of
+``s_i``), so an eigenvalue lies within ``r_i`` of ``θ_i``, and if no other eigenvalue lies within
+``δ_i > r_i`` of ``θ_i``, within ``r_i²/δ_i`` (Kato–Temple: Ritz values converge quadratically).
+``δ_i`` is taken from the other Ritz pairs as ``min_j |θ_i − θ_j| − r_j``, and the error bound of
+the pair is ``e_i = min(r_i, r_i²/δ_i)`` (``r_i`` where the intervals overlap), at least the
+rounding floor ``100 ε ‖F̂‖₂``. The space grows until
+
+.. math::
+    \\sum_{i\\le k} w_i |\\theta_i - \\mu_i| \\le \\sum_{i\\le k} w_i e_i
+    \\le \\mathrm{tol} \\sum_{i\\le k} w_i |\\theta_i|
+
+(for each returned ``θ_i`` the matched eigenvalue ``μ_i``; the usual caveat of Krylov methods, an
+eigenvector orthogonal to the start block is missed, is met by random start vectors), or until
+every residual is below the rounding floor. With unit weights this bounds the
+total eigenvalue error relative to ``Σ|θ_i|``; Error 2 passes ``w = λ(F)``, whose decay means the
+eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on,
+then every tenth of the dimension (each test is one eigendecomposition of ``T``).
+
+Pure torch: any device, float32 or float64.
+
+References:
+    G. H. Golub, R. Underwood, "The block Lanczos method for computing eigenvalues", in
+    Mathematical Software III (1977). B. N. Parlett, "The Symmetric Eigenvalue Problem" (1998),
+    §10.2 (Kato–Temple) and §13.8 (block Lanczos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Vectors per Lanczos block: large enough for matrix–matrix products, small enough that the
+#: Krylov dimension does not overshoot (MNIST layer 5: 32 needs dimension 1,152, 64 needs 1,408).
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class TopEigen:
+    """Result of :func:`kron_top_eigenvalues`.
+
+    Attributes:
+        values: the ``k`` largest Ritz values, descending.
+        residuals: ``‖M x_i − θ_i x_i‖`` of each, an eigenvalue lies within it.
+        errors: the error bound ``e_i = max(min(r_i, r_i²/δ_i), 100 ε ‖F̂‖₂)`` of each (module docstring).
+        dim: dimension of the Krylov space.
+        products: single-vector products with the sum (block products count their vectors).
+    """
+
+    values: Tensor
+    residuals: Tensor
+    errors: Tensor
+    dim: int
+    products: int
+
+
+class _Rotated:
+    """``M = diag(α ⊗ γ) + Σ_{j≥2} B_j ⊗ C_j`` acting on blocks of shape (b, m, n)."""
+
+    def __init__(self, act: Tensor, grad: Tensor):
+        alpha, ua = torch.linalg.eigh(act[0])
+        gamma, ug = torch.linalg.eigh(grad[0])
+        self.diag = alpha[:, None] * gamma[None, :]
+        self.b = ua.mT @ act[1:] @ ua
+        self.c = ug.mT @ grad[1:] @ ug
+        self.products = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``M x`` for a block of shape (b, m, n)."""
+        self.products += x.shape[0]
+        out = self.diag * x
+        for bj, cj in zip(self.b, self.c):
+            out += bj @ (x @ cj)
+        return out
+
+
+def kron_top_eigenvalues(
+    act: Tensor,
+    grad: Tensor,
+    k: int,
+    tol: float = 1e-10,
+    weights: Tensor | None = None,
+    seed: int = 0,
+) -> TopEigen:
+    """The ``k`` algebraically largest eigenvalues of ``Σ_j A_j ⊗ G_j`` (symmetric factors), descending.
+
+    Args:
+        act, grad: stacked symmetric factors, (r, m, m) and (r, n, n).
+        k: how many, ``1 ≤ k < m n``.
+        tol: relative accuracy of the weighted sum (module docstring).
+        weights: nonnegative ``w_i`` of length ``k`` (default all ones).
+        seed: seed of the random start block (results are reproducible).
+    """
+    m, n = act.shape[1], grad.shape[1]
+    p = m * n
+    if not 1 <= k < p:
+        raise ValueError(f"need 1 <= k < p = {p}, got k = {k}")
+    op = _Rotated(act, grad)
+    dtype, device = act.dtype, act.device
+    w = torch.ones(k, dtype=dtype, device=device) if weights is None else weights.to(dtype=dtype, device=device)
+    eps = torch.finfo(dtype).eps
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = min(BLOCK, p)
+    basis = torch.empty(min(p, 2 * k + 8 * s), p, dtype=dtype, device=device)
+    tmat = torch.zeros(basis.shape[0], basis.shape[0], dtype=dtype, device=device)
+    q = _orthonormal_complement(basis[:0], basis[:0], s, gen)
+    dim, prev, check = 0, 0, min(2 * k, p)
+    while True:
+        b = q.shape[0]
+        basis[dim : dim + b] = q
+        wv = op(q.view(b, m, n)).view(b, p)
+        a = q @ wv.mT
+        tmat[dim : dim + b, dim : dim + b] = (a + a.mT) / 2
+        wv -= a @ q
+        if prev:
+            wv -= tmat[dim : dim + b, dim - prev : dim] @ basis[dim - prev : dim]
+        dim += b
+        before = torch.linalg.vector_norm(wv, dim=1)
+        wv -= (wv @ basis[:dim].mT) @ basis[:dim]
+        if bool((torch.linalg.vector_norm(wv, dim=1) < 0.5 * before).any()):
+            wv -= (wv @ basis[:dim].mT) @ basis[:dim]
+        # wv = L Q_next: SVD, so that a numerically rank-deficient block is seen and completed.
+        u, sig, vt = torch.linalg.svd(wv, full_matrices=False)
+        rank = int((sig > 100 * eps * max(float(op.diag.abs().max()), float(sig[0]))).sum())
+        lower = u[:, :rank] * sig[:rank]  # L (b × rank)
+        nxt = min(s, p - dim)
+        if dim >= check or nxt == 0:
+            theta, vec = torch.linalg.eigh(tmat[:dim, :dim])
+            theta, vec = theta.flip(0), vec.flip(1)
+            res = torch.linalg.vector_norm(lower.mT @ vec[dim - b : dim], dim=0) if nxt else torch.zeros_like(theta)
+            top, r = theta[:k], res[:k]
+            gap = _gaps(top, theta, res)
+            floor = 100 * eps * float(theta.abs().max())
+            err = torch.where(gap > r, r**2 / gap, r).clamp_min(floor)  # rounding: T is M only to ε
+            budget = tol * float((w * top.abs()).sum())
+            if float((w * err).sum()) <= budget or bool((r <= floor).all()) or nxt == 0:
+                return TopEigen(top, r, err, dim, op.products)
+            check = min(p, dim + max(s, dim // 10))
+        q = _orthonormal_complement(vt[:rank], basis[:dim], nxt, gen)
+        if dim + nxt > basis.shape[0]:  # grow by half
+            size = min(p, dim + nxt + basis.shape[0] // 2)
+            basis = torch.cat([basis, basis.new_empty(size - basis.shape[0], p)])
+            tmat = torch.nn.functional.pad(tmat, (0, size - tmat.shape[0], 0, size - tmat.shape[0]))
+        tmat[dim : dim + nxt, dim - b : dim] = torch.nn.functional.pad(lower.mT, (0, 0, 0, nxt - rank))
+        tmat[dim - b : dim, dim : dim + nxt] = tmat[dim : dim + nxt, dim - b : dim].mT
+        prev = b
+
+
+def _orthonormal_complement(rows: Tensor, basis: Tensor, count: int, gen: torch.Generator) -> Tensor:
+    """``rows`` (orthonormal, orthogonal to ``basis``) completed to ``count`` rows by random directions."""
+    missing = count - rows.shape[0]
+    if missing <= 0:
+        return rows[:count]
+    fresh = torch.randn(missing, basis.shape[1], generator=gen, dtype=basis.dtype, device=basis.device)
+    for _ in range(2):
+        for against in (basis, rows):
+            fresh = fresh - (fresh @ against.mT) @ against
+    extra, _ = torch.linalg.qr(fresh.mT)
+    return torch.cat([rows, extra.mT])
+
+
+def _gaps(theta: Tensor, all_theta: Tensor, all_res: Tensor) -> Tensor:
+    """``δ_i = min_{j≠i} |θ_i − θ_j| − r_j``: ``theta`` is the leading part of ``all_theta``."""
+    if all_theta.shape[0] == 1:
+        return torch.full_like(theta, float("inf"))
+    dist = (theta[:, None] - all_theta[None, :]).abs() - all_res[None, :]
+    rows = torch.arange(theta.shape[0], device=theta.device)
+    dist[rows, rows] = float("inf")
+    return dist.min(dim=1).values
