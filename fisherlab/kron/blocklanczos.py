@@ -36,8 +36,10 @@ rounding floor ``100 ε ‖F̂‖₂``. The space grows until
 eigenvector orthogonal to the start block is missed, is met by random start vectors), or until
 every residual is below the rounding floor. With unit weights this bounds the
 total eigenvalue error relative to ``Σ|θ_i|``; Error 2 passes ``w = λ(F)``, whose decay means the
-eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on,
-then every tenth of the dimension (each test is one eigendecomposition of ``T``).
+eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on
+(each test is one eigendecomposition of ``T``, 40 % of the time with tests at every tenth of the
+dimension), the next test where the logarithm of the weighted error, extrapolated from the last
+two tests, meets the budget (MNIST layer 5, recorded step: 5.3 s against 6.5 s).
 
 Pure torch: any device, float32 or float64.
 
@@ -49,6 +51,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +132,7 @@ def kron_top_eigenvalues(
     tmat = torch.zeros(basis.shape[0], basis.shape[0], dtype=dtype, device=device)
     q = _orthonormal_complement(basis[:0], basis[:0], s, gen)
     dim, prev, check = 0, 0, min(2 * k, p)
+    last = None  # (dimension, log of the weighted error over the budget) at the previous test
     while True:
         b = q.shape[0]
         basis[dim : dim + b] = q
@@ -159,7 +163,14 @@ def kron_top_eigenvalues(
             budget = tol * float((w * top.abs()).sum())
             if float((w * err).sum()) <= budget or bool((r <= floor).all()) or nxt == 0:
                 return TopEigen(top, r, err, dim, op.products)
-            check = min(p, dim + max(s, dim // 10))
+            # Next test: where the log-error, extrapolated linearly from the last two tests
+            # (it falls faster than linearly), reaches the budget; within [+s, +dim/4].
+            excess = math.log(float((w * err).sum()) / budget)
+            step = dim // 10
+            if last is not None and last[1] > excess:
+                step = int(excess * (dim - last[0]) / (last[1] - excess))
+            last = (dim, excess)
+            check = min(p, dim + min(max(s, step), dim // 4))
         q = _orthonormal_complement(vt[:rank], basis[:dim], nxt, gen)
         if dim + nxt > basis.shape[0]:  # grow by half
             size = min(p, dim + nxt + basis.shape[0] // 2)
