@@ -208,7 +208,7 @@ def load_olivetti(directory: Path | None) -> tuple[np.ndarray, str]:
 def _read_original(path: Path) -> np.ndarray:
     try:
         columns = scipy.io.loadmat(path, variable_names=["newfaces_single"])["newfaces_single"]
-    except (NotImplementedError, KeyError) as exc:
+    except (NotImplementedError, KeyError) as exc:  # scipy raises NotImplementedError for v7.3 (HDF5) MAT files
         raise UserInputError(
             f"{path}: cannot read variable newfaces_single from a MATLAB v5/v7 file ({exc})"
         ) from exc

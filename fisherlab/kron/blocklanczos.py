@@ -132,6 +132,7 @@ def kron_top_eigenvalues(
     tmat = torch.zeros(basis.shape[0], basis.shape[0], dtype=dtype, device=device)
     q = _orthonormal_complement(basis[:0], basis[:0], s, gen)
     dim, prev, check = 0, 0, min(2 * k, p)
+    scale = float(op.diag.abs().max())  # ≈ ‖M‖ (the first term dominates), for the rank test
     last = None  # (dimension, log of the weighted error over the budget) at the previous test
     while True:
         b = q.shape[0]
@@ -149,7 +150,7 @@ def kron_top_eigenvalues(
             wv -= (wv @ basis[:dim].mT) @ basis[:dim]
         # wv = L Q_next: SVD, so that a numerically rank-deficient block is seen and completed.
         u, sig, vt = torch.linalg.svd(wv, full_matrices=False)
-        rank = int((sig > 100 * eps * max(float(op.diag.abs().max()), float(sig[0]))).sum())
+        rank = int((sig > 100 * eps * max(scale, float(sig[0]))).sum())
         lower = u[:, :rank] * sig[:rank]  # L (b × rank)
         nxt = min(s, p - dim)
         if dim >= check or nxt == 0:
