@@ -410,7 +410,8 @@ class NaturalGradient(torch.optim.Optimizer):
         try:
             if cfg.average == "block" and has_past:
                 previous = KronSum(state["approx_act"], state["approx_grad"])
-                block = AveragedBlock(stats, previous, rho, (kfac.act[0], kfac.grad[0]))
+                pair = (kfac.act[0], kfac.grad[0]) if cfg.method == "kfac_corrected" else None  # only it subtracts KFAC
+                block = AveragedBlock(stats, previous, rho, pair)
                 result = fit(cfg.method, block, cfg.rank, init=init, **cfg.fit_options)
                 op = result.op
             else:
@@ -425,7 +426,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self.diagnostics.fit_iterations += result.info.iterations
         if not result.info.converged:
             self.diagnostics.unconverged_fits += 1
-        if not (torch.isfinite(op.act).all() and torch.isfinite(op.grad).all()):
+        if not _finite(op.act, op.grad):
             self._warn("fit_fallbacks", f"{cfg.method} fit was not finite; using the KFAC term for this layer")
             self.diagnostics.fit_fallbacks += 1
             return kfac
@@ -451,8 +452,7 @@ class NaturalGradient(torch.optim.Optimizer):
                     self._warn("inverse_fallbacks", f"damped inverse of layer {index} failed ({exc}); falling back")
                     self.diagnostics.inverse_fallbacks += 1
                     continue
-                tensors = (inverse.left, inverse.right, inverse.denom)
-                if all(torch.isfinite(x).all() for x in tensors):
+                if _finite(inverse.left, inverse.right, inverse.denom):
                     break
                 self._warn("inverse_fallbacks", f"damped inverse of layer {index} was not finite; falling back")
                 self.diagnostics.inverse_fallbacks += 1
@@ -487,7 +487,7 @@ class NaturalGradient(torch.optim.Optimizer):
             direction = left @ grad @ right
         else:
             direction = left @ ((left.mT @ grad @ right) / denom) @ right.mT
-        if not torch.isfinite(direction).all():
+        if not _finite(direction):
             self._warn("gradient_fallbacks", f"the natural-gradient solve of layer {index} was not finite; taking a gradient step")
             self.diagnostics.gradient_fallbacks += 1
             return grad
@@ -500,7 +500,7 @@ class NaturalGradient(torch.optim.Optimizer):
             if layer.weight.grad is None and layer.bias.grad is None:
                 continue
             grad = weight_from_linear(_grad_or_zero(layer.weight), _grad_or_zero(layer.bias))
-            if not torch.isfinite(grad).all():
+            if not _finite(grad):
                 self._warn("skipped_updates", f"the gradient of layer {index} is not finite; layer {index} is not updated")
                 self.diagnostics.skipped_updates += 1
                 continue
@@ -564,6 +564,13 @@ def _check_group(lr: float, damping: float, momentum: float, weight_decay: float
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be nonnegative, got {weight_decay}")
+
+
+def _finite(*tensors: Tensor) -> bool:
+    """Whether every entry is finite, by one reduction: a sum is finite exactly when the
+    entries are, short of overflow (which is refused too). One pass and one device sync
+    instead of an elementwise mask per tensor."""
+    return bool(torch.isfinite(sum(t.sum() for t in tensors)))
 
 
 def _grad_or_zero(p: Tensor) -> Tensor:

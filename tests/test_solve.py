@@ -5,7 +5,16 @@ import torch
 
 from fisherlab.kron import KronSum, fit
 from fisherlab.kron.layout import unvec, vec
-from fisherlab.kron.solve import FactorizationError, IndefiniteError, damped_inverse, pi_factor, safe_eigh
+from fisherlab.kron.solve import (
+    FactorizationError,
+    IndefiniteError,
+    _cholesky,
+    _whitened_eigh,
+    damped_inverse,
+    generalized_eigh,
+    pi_factor,
+    safe_eigh,
+)
 
 from .conftest import CASES
 
@@ -92,6 +101,32 @@ def test_invalid_arguments_and_non_positive_definite_factors():
     singular = KronSum(torch.zeros(1, 3, 3, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None])
     with pytest.raises(FactorizationError, match="not positive definite"):
         damped_inverse(singular, 0.0)
+    corrected = KronSum(torch.cat([singular.act, torch.eye(3, dtype=torch.float64)[None]]), singular.grad.repeat(2, 1, 1))
+    with pytest.raises(FactorizationError, match="damped activation factor is not positive definite"):
+        damped_inverse(corrected, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generalized_eigh_paths_agree_and_solve_the_pencil(dtype):
+    # The CPU path (LAPACK sygvd) and the CUDA one (Cholesky, triangular solves, eigh) give
+    # the same curvatures and eigenvectors with M P = A P S, Pᵀ A P = I.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    damped = x.T @ x / 40 + 0.1 * torch.eye(12, dtype=torch.float64)
+    y = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    matrix = (y.T * torch.randn(40, generator=gen, dtype=torch.float64)) @ y / 40  # indefinite
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    cpu = generalized_eigh(matrix.to(dtype), damped.to(dtype), "activation")
+    other = _whitened_eigh(_cholesky(damped.to(dtype), "activation"), matrix.to(dtype))
+    for s, p in (cpu, other):
+        assert s.dtype == p.dtype == dtype
+        s, p = s.double(), p.double()
+        torch.testing.assert_close(matrix @ p, damped @ p * s, **tol)
+        torch.testing.assert_close(p.T @ damped @ p, torch.eye(12, dtype=torch.float64), **tol)
+    torch.testing.assert_close(cpu[0], other[0], **tol)
+    # Eigenvectors agree up to sign (the curvatures are distinct).
+    signs = torch.sign((cpu[1] * other[1]).sum(0))
+    torch.testing.assert_close(cpu[1] * signs, other[1], **tol)
 
 
 def test_safe_eigh_on_dead_units_and_asymmetric_input():

@@ -127,11 +127,23 @@ def _psd_first(op: KronSum) -> KronSum:
     return KronSum(act, grad).symmetrized()
 
 
-def _start(stats: BlockStats, init: FitResult | None, rank: int) -> Tensor:
-    # KFAC's G is close to the top right singular vector, and PSD (which power SVD keeps).
+def _start(op, stats: BlockStats, init: FitResult | None, rank: int, skip: int = 0) -> Tensor | None:
+    """Right start vectors, in ``op``'s form, for ``rank`` triplets (None where there are none).
+
+    The block's own previous approximation (an averaged block's) comes first: it is the last
+    fit of the running block, and its coordinates are free (:meth:`GramRearranged.vectors_of`).
+    Then ``init``'s singular vectors; then KFAC's G, which is close to the top right singular
+    vector and PSD (which power SVD keeps). ``skip`` leaves out leading previous terms
+    (KFAC-corrected's KFAC term).
+    """
+    f = op.factors
+    if f.previous.shape[0] > skip:
+        return op.vectors_of(f.previous[skip : skip + rank])[1]
     if init is not None and init.warm is not None and init.warm.shape[-1] == stats.d_grad:
-        return init.warm[:rank].to(stats.dtype)
-    return stats.kfac_factors()[1][None]
+        return op.right_of(init.warm[:rank].to(stats.dtype))
+    if skip:
+        return None
+    return op.vectors_of(f.kfac[None])[1]
 
 
 def _negligible(op, stats: BlockStats) -> float:
@@ -159,7 +171,7 @@ def fit_kpsvd(
     """KPSVD: the nearest Kronecker product ``σ R ⊗ S`` by the power SVD of ``Z(F)`` (rank 1)."""
     _check_rank("kpsvd", rank, 1)
     op = rearranged(stats)
-    t = power_svd(op, op.right_of(_start(stats, init, 1))[0], tol, max_iter, _negligible(op, stats))
+    t = power_svd(op, _start(op, stats, init, 1)[0], tol, max_iter, _negligible(op, stats))
     return _collect("kpsvd", op, [t])
 
 
@@ -169,7 +181,7 @@ def fit_deflation(
 ) -> FitResult:
     """Deflation: ``rank`` successive power SVDs, each on ``Z(F)`` less the triplets before it."""
     base = op = rearranged(stats)
-    starts = op.right_of(_start(stats, init, rank))
+    starts = _start(op, stats, init, rank)
     floor = _negligible(base, stats)
     found: list[Triplets] = []
     for k in range(rank):
@@ -217,7 +229,7 @@ def fit_lanczos(
 ) -> FitResult:
     """Lanczos: the top ``rank`` triplets of ``Z(F)`` by restarted Golub–Kahan–Lanczos."""
     op = rearranged(stats)
-    v0 = op.right_of(_start(stats, init, rank).sum(dim=0, keepdim=True))[0]  # linear: one projection
+    v0 = _start(op, stats, init, rank).sum(dim=0)
     return _collect("lanczos", op, [lanczos_svd(op, v0, rank, krylov_dim, tol, max_restarts)])
 
 
@@ -234,8 +246,8 @@ def fit_kfac_corrected(
     if rank == 1:
         return FitResult(kfac, FitInfo("kfac_corrected", 1))
     base = rearranged(stats)
-    op = base.minus(base.left_of(kfac.act), base.right_of(kfac.grad))
-    starts = base.right_of(init.warm.to(stats.dtype)) if init is not None and init.warm is not None else None
+    op = base.minus(*base.vectors_of(base.factors.kfac[None]))
+    starts = _start(base, stats, init, rank - 1, skip=1)
     floor = _negligible(base, stats)
     found: list[Triplets] = []
     for k in range(rank - 1):

@@ -33,12 +33,19 @@ from torch import Tensor
 class ZFactors:
     """``Z = D_a W D_gᵀ``: sample rows, extra matrices and weights that define a rearranged block.
 
+    Matrices the fitters need besides ``Z`` are given as combinations of the columns, one
+    coefficient vector ``c`` for the pair ``(D_a c, D_g c)``: :meth:`GramRearranged.vectors_of`
+    turns those into coordinates without touching an ``m × m`` or ``n × n`` matrix.
+
     Attributes:
         act_samples: ``(N, m)``: ``vec(a_n a_nᵀ)`` are the first ``N`` columns of ``D_a``.
         act_extra: ``(r, m, m)``: the remaining columns of ``D_a``.
-        grad_samples: ``(N, n)``; grad_extra: ``(s, n, n)``: likewise for ``D_g``.
-        weights: the diagonal of ``W``, of length ``N + r`` (``r = s``: the extra matrices come
-            in pairs, one term ``vec(E_j) vec(E'_j)ᵀ`` each).
+        grad_samples: ``(N, n)``; grad_extra: ``(r, n, n)``: likewise for ``D_g``.
+        weights: the diagonal of ``W``, of length ``N + r`` (the extra matrices come in pairs,
+            one term ``vec(E_j) vec(E'_j)ᵀ`` each).
+        kfac: ``(N + r,)`` coefficients of the KFAC pair, or None if the block has none.
+        previous: ``(t, N + r)`` coefficients of the terms of a previous approximation the
+            block holds (an averaged block's; ``t = 0`` for a mini-batch block).
     """
 
     act_samples: Tensor
@@ -46,6 +53,8 @@ class ZFactors:
     grad_samples: Tensor
     grad_extra: Tensor
     weights: Tensor
+    kfac: Tensor | None
+    previous: Tensor
 
 
 @dataclass(frozen=True)
@@ -97,12 +106,14 @@ class FactorSpan:
         """``Pᵀ vec(M)``, the coordinates of the projection of ``M`` onto the span, shape (..., k)."""
         return self.inner(mats) @ self.basis
 
+    def combination(self, coef: Tensor) -> Tensor:
+        """``Pᵀ D c``, the coordinates of the span's element ``D c`` (..., k), for coefficients
+        ``c`` (..., N + r): rows of ``H T``, no quadratic forms (``D c`` is in the span)."""
+        return coef.double() @ self.gram_basis
+
     def lift(self, coords: Tensor) -> Tensor:
         """``P y`` as matrices (..., d, d), in the samples' dtype, for coordinates ``y`` (..., k)."""
-        x, e = self.lift_samples, self.lift_extra
-        c = (coords @ self.basis.T).to(x.dtype)
-        n = x.shape[0]
-        return weighted_outer(c[..., :n], x) + torch.einsum("...r,rij->...ij", c[..., n:], e)
+        return combine(self.lift_samples, self.lift_extra, coords @ self.basis.T)
 
 
 def _cholesky_basis(h11: Tensor, h12: Tensor, h22: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -165,6 +176,13 @@ def weighted_outer(c: Tensor, x: Tensor) -> Tensor:
     return (c[..., :, None] * x).mT @ x
 
 
+def combine(samples: Tensor, extra: Tensor, coef: Tensor) -> Tensor:
+    """``D c`` as matrices (..., d, d) in the samples' dtype: ``Σ_n c_n x_n x_nᵀ + Σ_j c_{N+j} E_j``."""
+    c = coef.to(samples.dtype)
+    n = samples.shape[0]
+    return weighted_outer(c[..., :n], samples) + torch.einsum("...r,rij->...ij", c[..., n:], extra)
+
+
 class Rearranged:
     """``Z(F) − Σ_j vec(A_j) vec(G_j)ᵀ`` by the matrix-free products of Prop. 3.1.
 
@@ -173,14 +191,15 @@ class Rearranged:
     next triplet without forming anything dense.
     """
 
-    def __init__(self, block, act: Tensor | None = None, grad: Tensor | None = None):
+    def __init__(self, block, act: Tensor | None = None, grad: Tensor | None = None, factors: ZFactors | None = None):
         self.block = block
+        self.factors = block.rearranged_factors() if factors is None else factors
         self.act = block.a.new_zeros(0, block.d_act, block.d_act) if act is None else act
         self.grad = block.a.new_zeros(0, block.d_grad, block.d_grad) if grad is None else grad
 
     def minus(self, left: Tensor, right: Tensor) -> Rearranged:
         """This operator with the terms ``vec(L_j) vec(R_j)ᵀ`` removed too (stacked vectors)."""
-        return Rearranged(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]))
+        return Rearranged(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
 
     def matvec(self, v: Tensor) -> Tensor:
         weights = torch.einsum("rij,ij->r", self.grad, v)
@@ -196,6 +215,11 @@ class Rearranged:
 
     def right_of(self, mats: Tensor) -> Tensor:
         return mats
+
+    def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:
+        """Left and right vectors of the pairs ``(D_a c, D_g c)`` for coefficients (t, N + r) (:class:`ZFactors`)."""
+        f = self.factors
+        return combine(f.act_samples, f.act_extra, coef), combine(f.grad_samples, f.grad_extra, coef)
 
     def lift(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         """Matrices (r, m, m) and (r, n, n) for stacked left and right vectors."""
@@ -213,9 +237,9 @@ class GramRearranged:
     the Euclidean ones of the coordinates, which equal those of the matrices they stand for.
     """
 
-    def __init__(self, span_act: FactorSpan, span_grad: FactorSpan, core: Tensor,
+    def __init__(self, span_act: FactorSpan, span_grad: FactorSpan, core: Tensor, factors: ZFactors,
                  left: Tensor | None = None, right: Tensor | None = None):
-        self.span_act, self.span_grad, self.core = span_act, span_grad, core
+        self.span_act, self.span_grad, self.core, self.factors = span_act, span_grad, core, factors
         self.left = core.new_zeros(0, span_act.dim, 1) if left is None else left
         self.right = core.new_zeros(0, span_grad.dim, 1) if right is None else right
 
@@ -224,10 +248,10 @@ class GramRearranged:
         f: ZFactors = block.rearranged_factors()
         span_act, span_grad = FactorSpan(f.act_samples, f.act_extra), FactorSpan(f.grad_samples, f.grad_extra)
         core = (span_act.gram_basis.T * f.weights.double()) @ span_grad.gram_basis
-        return cls(span_act, span_grad, core)
+        return cls(span_act, span_grad, core, f)
 
     def minus(self, left: Tensor, right: Tensor) -> GramRearranged:
-        return GramRearranged(self.span_act, self.span_grad, self.core,
+        return GramRearranged(self.span_act, self.span_grad, self.core, self.factors,
                               torch.cat([self.left, left]), torch.cat([self.right, right]))
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -244,6 +268,11 @@ class GramRearranged:
 
     def right_of(self, mats: Tensor) -> Tensor:
         return self.span_grad.coords(mats)[..., None]
+
+    def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:
+        """Coordinates (t, k, 1) of the pairs ``(D_a c, D_g c)`` for coefficients (t, N + r), at no
+        cost of order ``N d²`` (:meth:`FactorSpan.combination`)."""
+        return self.span_act.combination(coef)[..., None], self.span_grad.combination(coef)[..., None]
 
     def lift(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         """Matrices (r, m, m) and (r, n, n), in the block's dtype, for stacked coordinates."""

@@ -162,10 +162,11 @@ class BlockStats:
         return phi.T @ phi / self.n_samples
 
     def rearranged_factors(self) -> ZFactors:
-        """``Z(F) = D_a W D_gᵀ`` with ``D_a = [vec(a_n a_nᵀ)]``, ``D_g = [vec(g_n g_nᵀ)]``, ``W = I/N``."""
+        """``Z(F) = D_a W D_gᵀ`` with ``D_a = [vec(a_n a_nᵀ)]``, ``D_g = [vec(g_n g_nᵀ)]``, ``W = I/N``;
+        the KFAC pair is ``(D_a 1/N, D_g 1/N)``."""
         weights = torch.full((self.n_samples,), 1 / self.n_samples, dtype=self.dtype, device=self.device)
         return ZFactors(self.a, self.a.new_zeros(0, self.d_act, self.d_act), self.g,
-                        self.g.new_zeros(0, self.d_grad, self.d_grad), weights)
+                        self.g.new_zeros(0, self.d_grad, self.d_grad), weights, weights, weights.new_zeros(0, self.n_samples))
 
     @cached_property
     def z_coordinates(self) -> GramRearranged:
