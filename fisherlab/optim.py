@@ -410,8 +410,9 @@ class NaturalGradient(torch.optim.Optimizer):
         try:
             if cfg.average == "block" and has_past:
                 previous = KronSum(state["approx_act"], state["approx_grad"])
-                pair = (kfac.act[0], kfac.grad[0]) if cfg.method == "kfac_corrected" else None  # only it subtracts KFAC
-                block = AveragedBlock(stats, previous, rho, pair)
+                # Only KFAC-corrected subtracts KFAC: its running pair is ρ × its previous first term
+                # plus (1 − ρ) × the batch's, as kfac above.
+                block = AveragedBlock(stats, previous, rho, "running" if cfg.method == "kfac_corrected" else None)
                 result = fit(cfg.method, block, cfg.rank, init=init, **cfg.fit_options)
                 op = result.op
             else:

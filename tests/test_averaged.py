@@ -20,8 +20,8 @@ def _previous(stats, seed=11):
     return KronSum(act + act.mT, grad + grad.mT)
 
 
-def _block(stats):
-    return AveragedBlock(stats, _previous(stats), RHO, stats.kfac_factors())
+def _block(stats, kfac="pair"):
+    return AveragedBlock(stats, _previous(stats), RHO, stats.kfac_factors() if kfac == "pair" else kfac)
 
 
 def test_products_match_the_rearranged_dense_average(stats):
@@ -38,9 +38,11 @@ def test_products_match_the_rearranged_dense_average(stats):
     torch.testing.assert_close(block.frobenius_norm(), torch.linalg.matrix_norm(dense))
 
 
+@pytest.mark.parametrize("kfac", ["pair", None])
 @pytest.mark.parametrize("method,rank", [("kpsvd", 1), ("deflation", 2), ("lanczos", 2)])
-def test_fits_match_the_dense_svd_of_the_averaged_block(stats, method, rank):
-    block = _block(stats)
+def test_fits_match_the_dense_svd_of_the_averaged_block(stats, method, rank, kfac):
+    # Without a KFAC pair the span has one extra pair fewer; the fits are the same.
+    block = _block(stats, kfac)
     m, n = stats.d_act, stats.d_grad
     u, s, vt = torch.linalg.svd(rearrange(block.to_dense(), m, n))
     if s[rank - 1] - s[rank] < 1e-3 * s[0]:
@@ -51,10 +53,16 @@ def test_fits_match_the_dense_svd_of_the_averaged_block(stats, method, rank):
     torch.testing.assert_close(result.op.to_dense(), best, rtol=1e-6, atol=1e-8 * float(s[0]))
 
 
-def test_kfac_corrected_corrects_the_given_kfac_term(stats):
-    block = _block(stats)
+@pytest.mark.parametrize("kfac", ["pair", "running"])
+def test_kfac_corrected_corrects_the_given_kfac_term(stats, kfac):
+    block = _block(stats, kfac)
     m, n = stats.d_act, stats.d_grad
     act, grad = block.kfac_factors()
+    if kfac == "running":  # ρ × the previous first term + (1 − ρ) × the batch's KFAC pair
+        batch_act, batch_grad = stats.kfac_factors()
+        prev = _previous(stats)
+        torch.testing.assert_close(act, RHO * prev.act[0] + (1 - RHO) * batch_act)
+        torch.testing.assert_close(grad, RHO * prev.grad[0] + (1 - RHO) * batch_grad)
     residual = rearrange(block.to_dense(), m, n) - torch.outer(vec(act), vec(grad))
     u, s, vt = torch.linalg.svd(residual)
     if s[0] - s[1] < 1e-3 * s[0]:
@@ -76,3 +84,7 @@ def test_invalid_arguments(stats):
     wrong = KronSum(torch.eye(stats.d_act + 1, dtype=stats.dtype), torch.eye(stats.d_grad, dtype=stats.dtype))
     with pytest.raises(ValueError, match="shape"):
         AveragedBlock(stats, wrong, 0.5, stats.kfac_factors())
+    with pytest.raises(ValueError, match="'running' or None"):
+        AveragedBlock(stats, _previous(stats), 0.5, "paper")
+    with pytest.raises(ValueError, match="without a KFAC pair"):
+        AveragedBlock(stats, _previous(stats), 0.5).kfac_factors()

@@ -55,6 +55,32 @@ def test_factor_span_coordinates_are_orthonormal_and_project():
     assert span.inner(residual).abs().max() <= 1e-10 * torch.linalg.matrix_norm(outside)
 
 
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_combinations_of_the_columns_have_free_coordinates(kind):
+    # vectors_of(c) in Gram coordinates (rows of H T) is the projection of the explicit D c,
+    # and lifts back to what the direct form builds.
+    block = BLOCKS[kind](CASES["random"]())
+    gram, direct = GramRearranged.of(block), Rearranged(block)
+    f = gram.factors
+    gen = torch.Generator().manual_seed(2)
+    coef = torch.randn(3, f.weights.shape[0], generator=gen, dtype=torch.float64)
+    left, right = gram.vectors_of(coef)
+    mats_left, mats_right = direct.vectors_of(coef)
+    torch.testing.assert_close(left, gram.left_of(mats_left), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(right, gram.right_of(mats_right), rtol=1e-10, atol=1e-12)
+    lifted = gram.lift(left, right)
+    torch.testing.assert_close(lifted[0], mats_left, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lifted[1], mats_right, rtol=1e-9, atol=1e-12)
+    # The KFAC pair and the previous terms are such combinations.
+    act, grad = block.kfac_factors()
+    torch.testing.assert_close(direct.vectors_of(f.kfac[None])[0][0], act, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(direct.vectors_of(f.kfac[None])[1][0], grad, rtol=1e-12, atol=1e-14)
+    if kind == "averaged":
+        torch.testing.assert_close(direct.vectors_of(f.previous)[0], block.previous.act)
+    else:
+        assert f.previous.shape[0] == 0
+
+
 @pytest.mark.parametrize("dependent", [False, True])
 def test_cholesky_coordinates_span_what_the_eigendecomposition_keeps(monkeypatch, dependent):
     gen = torch.Generator().manual_seed(4)

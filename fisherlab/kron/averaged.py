@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.operator import KronSum
-from fisherlab.kron.rearranged import GramRearranged, ZFactors
+from fisherlab.kron.rearranged import GramRearranged, ZFactors, frobenius_inner, linear_combination
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,
     BlockStats,
@@ -40,15 +40,20 @@ class AveragedBlock:
         weight: ``ρ`` in [0, 1], the weight of the past.
         kfac: the KFAC factors ``(A, G)`` that stand for this block, i.e. the running
             averages of KFAC's factors (KFAC is defined from samples, not from a block, so
-            the caller says which pair to use; KFAC-corrected subtracts this term). Only
-            ``kfac`` and ``kfac_corrected`` need it; without it the Gram coordinates skip a
-            pair of extra matrices (a third of their cost for a rank-2 ``previous``).
+            the caller says which pair to use; KFAC-corrected subtracts this term), or
+            ``"running"``: ``ρ`` times ``previous``'s first term plus ``1 − ρ`` times the
+            batch's KFAC factors, which is that running average when ``previous`` is a
+            KFAC-corrected fit (its first term is KFAC's). Only ``kfac`` and ``kfac_corrected``
+            need a pair. A given pair costs the Gram coordinates one more pair of extra
+            matrices (half again the cost of a rank-2 ``previous``); ``"running"`` and None
+            cost nothing, the first lying in the span already.
 
     Attributes:
         a, g: the batch's per-sample statistics (the fitters allocate work arrays like them).
     """
 
-    def __init__(self, stats: BlockStats, previous: KronSum, weight: float, kfac: tuple[Tensor, Tensor] | None = None):
+    def __init__(self, stats: BlockStats, previous: KronSum, weight: float,
+                 kfac: tuple[Tensor, Tensor] | str | None = None):
         if not 0 <= weight <= 1:
             raise ValueError(f"weight must lie in [0, 1], got {weight}")
         if (previous.d_act, previous.d_grad) != (stats.d_act, stats.d_grad):
@@ -56,7 +61,10 @@ class AveragedBlock:
                 f"previous approximation has shape ({previous.d_act}, {previous.d_grad}), "
                 f"the batch block ({stats.d_act}, {stats.d_grad})"
             )
-        if kfac is not None:
+        if isinstance(kfac, str):
+            if kfac != "running":
+                raise ValueError(f"kfac must be a pair of factors, 'running' or None, got {kfac!r}")
+        elif kfac is not None:
             act, grad = kfac
             if act.shape != (stats.d_act, stats.d_act) or grad.shape != (stats.d_grad, stats.d_grad):
                 raise ValueError("kfac factors do not match the block's shape")
@@ -99,35 +107,40 @@ class AveragedBlock:
             ValueError: if none was given.
         """
         if self._kfac is None:
-            raise ValueError("this averaged block was built without a KFAC pair (pass kfac=(A, G))")
+            raise ValueError("this averaged block was built without a KFAC pair (pass kfac=(A, G) or 'running')")
+        if self._kfac == "running":
+            rho, (act, grad) = self.weight, self.stats.kfac_factors()
+            return rho * self.previous.act[0] + (1 - rho) * act, rho * self.previous.grad[0] + (1 - rho) * grad
         return self._kfac
 
     def z_matvec(self, v: Tensor) -> Tensor:
         """``Z(F̃) vec(V) = ρ Σ_j ⟨G_j, V⟩ A_j + (1 − ρ) Z(F) vec(V)``, V of shape (..., n, n)."""
-        weights = torch.einsum("rij,...ij->...r", self.previous.grad, v)
-        past = torch.einsum("...r,rkl->...kl", weights, self.previous.act)
+        past = linear_combination(frobenius_inner(self.previous.grad, v), self.previous.act)
         return self.weight * past + (1 - self.weight) * self.stats.z_matvec(v)
 
     def z_rmatvec(self, u: Tensor) -> Tensor:
         """``Z(F̃)ᵀ vec(U) = ρ Σ_j ⟨A_j, U⟩ G_j + (1 − ρ) Z(F)ᵀ vec(U)``, U of shape (..., m, m)."""
-        weights = torch.einsum("rij,...ij->...r", self.previous.act, u)
-        past = torch.einsum("...r,rkl->...kl", weights, self.previous.grad)
+        past = linear_combination(frobenius_inner(self.previous.act, u), self.previous.grad)
         return self.weight * past + (1 - self.weight) * self.stats.z_rmatvec(u)
 
     def rearranged_factors(self) -> ZFactors:
-        """``Z(F̃) = D_a W D_gᵀ``: the batch's ``vec(a_n a_nᵀ)``, the previous factors and, if
-        given, the KFAC pair (weight 0: there so that KFAC-corrected's subtraction stays in
-        the span), ``W = diag((1 − ρ)/N · I_N, ρ I_r, 0)``."""
+        """``Z(F̃) = D_a W D_gᵀ``: the batch's ``vec(a_n a_nᵀ)``, the previous factors and a
+        given KFAC pair (weight 0: there so that KFAC-corrected's subtraction stays in the
+        span), ``W = diag((1 − ρ)/N · I_N, ρ I_r, 0)``."""
         n, r = self.n_samples, self.previous.rank
-        k = 0 if self._kfac is None else 1
+        pair = isinstance(self._kfac, tuple)
         opts = {"dtype": self.dtype, "device": self.device}
         diag = torch.cat([torch.full((n,), (1 - self.weight) / n, **opts), torch.full((r,), self.weight, **opts),
-                          torch.zeros(k, **opts)])
+                          torch.zeros(int(pair), **opts)])
         act, grad = self.previous.act, self.previous.grad
-        if self._kfac is not None:
+        columns = torch.eye(n + r + pair, **opts)
+        kfac = None
+        if pair:
             act, grad = torch.cat([act, self._kfac[0][None]]), torch.cat([grad, self._kfac[1][None]])
-        columns = torch.eye(n + r + k, **opts)
-        return ZFactors(self.a, act, self.g, grad, diag, columns[-1] if k else None, columns[n : n + r])
+            kfac = columns[-1]
+        elif self._kfac == "running":
+            kfac = torch.cat([diag[:n], self.weight * columns[n, n:]])  # (1 − ρ)/N on the samples, ρ on term 1
+        return ZFactors(self.a, act, self.g, grad, diag, kfac, columns[n : n + r])
 
     @cached_property
     def z_coordinates(self) -> GramRearranged:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherlab.kron.rearranged import frobenius_inner, linear_combination
+
 
 @dataclass
 class Triplets:
@@ -75,7 +77,7 @@ def _orthogonalize(x: Tensor, basis: list[Tensor]) -> Tensor:
         return x
     b = torch.stack(basis)
     for _ in range(2):
-        x = x - torch.einsum("k,kij->ij", torch.einsum("kij,ij->k", b, x), b)
+        x = x - linear_combination(frobenius_inner(b, x), b)
     return x
 
 

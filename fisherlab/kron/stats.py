@@ -108,7 +108,12 @@ class BlockStats:
         """KFAC's factors ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]`` (each averaged over the N samples).
 
         Symmetrized: BLAS need not round ``aᵀa`` symmetrically, and eigensolvers assume it.
+        Computed once (the optimizer and KFAC-corrected's fit both ask); do not modify them.
         """
+        return self._kfac
+
+    @cached_property
+    def _kfac(self) -> tuple[Tensor, Tensor]:
         n = self.n_samples
         act, grad = self.a.T @ self.a / n, self.g.T @ self.g / n
         return (act + act.T) / 2, (grad + grad.T) / 2
