@@ -453,7 +453,7 @@ class NaturalGradient(torch.optim.Optimizer):
                     self._warn("inverse_fallbacks", f"damped inverse of layer {index} failed ({exc}); falling back")
                     self.diagnostics.inverse_fallbacks += 1
                     continue
-                if _finite(inverse.left, inverse.right, inverse.denom):
+                if _finite(inverse.left, inverse.right, *([] if inverse.denom is None else [inverse.denom])):
                     break
                 self._warn("inverse_fallbacks", f"damped inverse of layer {index} was not finite; falling back")
                 self.diagnostics.inverse_fallbacks += 1
@@ -464,11 +464,8 @@ class NaturalGradient(torch.optim.Optimizer):
                 state["inv_denom"] = None  # no usable inverse: the plain gradient
                 continue
             clipped += inverse.clipped
-            if bool((inverse.denom == 1).all()):
-                # One term: P₂P₂ᵀ V P₁P₁ᵀ is two products per step instead of four.
-                state["inv_left"] = inverse.left @ inverse.left.mT
-                state["inv_right"] = inverse.right @ inverse.right.mT
-                state["inv_denom"] = torch.ones(())
+            if inverse.denom is None:  # one Kronecker inverse: G⁻¹ V A⁻¹, two products per step
+                state["inv_left"], state["inv_right"], state["inv_denom"] = inverse.left, inverse.right, torch.ones(())
             else:
                 state["inv_left"], state["inv_right"], state["inv_denom"] = inverse.left, inverse.right, inverse.denom
         self.diagnostics.clipped_curvatures = clipped

@@ -190,6 +190,11 @@ def linear_combination(weights: Tensor, mats: Tensor) -> Tensor:
     return (weights @ mats.flatten(1)).unflatten(-1, mats.shape[1:])
 
 
+def _minus_terms(z: Tensor, left: Tensor, right: Tensor, x: Tensor) -> Tensor:
+    """``z − Σ_j ⟨R_j, x⟩ L_j``: a product with the operator less its subtracted terms."""
+    return z - linear_combination(frobenius_inner(right, x), left) if left.shape[0] else z
+
+
 def combine(samples: Tensor, extra: Tensor, coef: Tensor) -> Tensor:
     """``D c`` as matrices (..., d, d) in the samples' dtype: ``Σ_n c_n x_n x_nᵀ + Σ_j c_{N+j} E_j``."""
     c = coef.to(samples.dtype)
@@ -216,10 +221,10 @@ class Rearranged:
         return Rearranged(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self.block.z_matvec(v) - linear_combination(frobenius_inner(self.grad, v), self.act)
+        return _minus_terms(self.block.z_matvec(v), self.act, self.grad, v)
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        return self.block.z_rmatvec(u) - linear_combination(frobenius_inner(self.act, u), self.grad)
+        return _minus_terms(self.block.z_rmatvec(u), self.grad, self.act, u)
 
     def left_of(self, mats: Tensor) -> Tensor:
         """Left vectors for activation-side matrices (r, m, m): the matrices themselves."""
@@ -267,10 +272,10 @@ class GramRearranged:
                               torch.cat([self.left, left]), torch.cat([self.right, right]))
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self.core @ v - linear_combination(frobenius_inner(self.right, v), self.left)
+        return _minus_terms(self.core @ v, self.left, self.right, v)
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        return self.core.T @ u - linear_combination(frobenius_inner(self.left, u), self.right)
+        return _minus_terms(self.core.T @ u, self.right, self.left, u)
 
     def left_of(self, mats: Tensor) -> Tensor:
         """Coordinates (r, k, 1) of activation-side matrices (r, m, m), projected onto the span."""

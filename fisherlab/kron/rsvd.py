@@ -122,12 +122,10 @@ def lanczos_svd(
             v_basis.append(w)
         vk = torch.stack(v_basis[: len(zv)])
         uk, zvk, ztuk = torch.stack(u_basis), torch.stack(zv), torch.stack(ztu)
-        b = torch.einsum("aij,bij->ab", uk, zvk)  # U_kᵀ Z V_k
+        b = frobenius_inner(zvk, uk)  # U_kᵀ Z V_k
         x, sigma, yt = torch.linalg.svd(b, full_matrices=False)
-        left = torch.einsum("ar,aij->rij", x, uk)
-        right = torch.einsum("rb,bij->rij", yt, vk)
-        z_right = torch.einsum("rb,bij->rij", yt, zvk)
-        zt_left = torch.einsum("ar,aij->rij", x, ztuk)
+        left, zt_left = linear_combination(x.T, uk), linear_combination(x.T, ztuk)
+        right, z_right = linear_combination(yt, vk), linear_combination(yt, zvk)
         res = torch.sqrt(
             torch.linalg.matrix_norm(zt_left - sigma[:, None, None] * right) ** 2
             + torch.linalg.matrix_norm(z_right - sigma[:, None, None] * left) ** 2
