@@ -129,12 +129,32 @@ def test_error2_through_block_lanczos_equals_dense(method, lanczos_path):
 
 
 def test_small_blocks_grow_the_basis(monkeypatch):
-    # Blocks of 3 vectors: the Krylov space outgrows its first allocation (2k + 8 blocks).
+    # Blocks of 3 vectors: the Krylov space outgrows its first allocation (3k + 8 blocks).
     from fisherlab.kron import blocklanczos
 
     monkeypatch.setattr(blocklanczos, "BLOCK", 3)
     op = _sum(8, 12, 10)
     lam = _dense_top(op)
     out = kron_top_eigenvalues(op.act, op.grad, 20, tol=1e-12)
-    assert out.dim > 2 * 20 + 8 * 3
+    assert out.dim > 3 * 20 + 8 * 3
     assert torch.allclose(out.values, lam[:20], rtol=0, atol=1e-10 * lam.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["well-conditioned", "rank-deficient"])
+def test_wide_svd_matches_lapack(kind):
+    # The Gram route (κ < 1e4) and the QR route (a rank-deficient block) both give a thin SVD
+    # with orthonormal rows of Vᵀ and the singular values LAPACK gives.
+    from fisherlab.kron.blocklanczos import _wide_svd
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 500, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, 6, dtype=torch.float64)[:, None]
+    if kind == "rank-deficient":
+        x[4] = 2 * x[1] - x[0]
+    u, sig, vt = _wide_svd(x)
+    ref = torch.linalg.svdvals(x)
+    torch.testing.assert_close(sig, ref, rtol=1e-12, atol=1e-13 * float(ref[0]))
+    torch.testing.assert_close((u * sig) @ vt, x, rtol=0, atol=1e-13 * float(ref[0]))
+    torch.testing.assert_close(u.mT @ u, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-13)
+    keep = sig > 1e-12 * sig[0]
+    rows = vt[keep]
+    torch.testing.assert_close(rows @ rows.mT, torch.eye(int(keep.sum()), dtype=torch.float64), rtol=0, atol=1e-13)

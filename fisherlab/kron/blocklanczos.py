@@ -128,7 +128,8 @@ def kron_top_eigenvalues(
     eps = torch.finfo(dtype).eps
     gen = torch.Generator(device=device).manual_seed(seed)
     s = min(BLOCK, p)
-    basis = torch.empty(min(p, 2 * k + 8 * s), p, dtype=dtype, device=device)
+    # Room for 3k + 8s vectors (fitted sums need about 2.2–2.8 k): growing copies the basis.
+    basis = torch.empty(min(p, 3 * k + 8 * s), p, dtype=dtype, device=device)
     tmat = torch.zeros(basis.shape[0], basis.shape[0], dtype=dtype, device=device)
     q = _orthonormal_complement(basis[:0], basis[:0], s, gen)
     dim, prev, check = 0, 0, min(2 * k, p)
@@ -149,7 +150,7 @@ def kron_top_eigenvalues(
         if bool((torch.linalg.vector_norm(wv, dim=1) < 0.5 * before).any()):
             wv -= (wv @ basis[:dim].mT) @ basis[:dim]
         # wv = L Q_next: SVD, so that a numerically rank-deficient block is seen and completed.
-        u, sig, vt = torch.linalg.svd(wv, full_matrices=False)
+        u, sig, vt = _wide_svd(wv)
         rank = int((sig > 100 * eps * max(scale, float(sig[0]))).sum())
         lower = u[:, :rank] * sig[:rank]  # L (b × rank)
         nxt = min(s, p - dim)
@@ -173,13 +174,36 @@ def kron_top_eigenvalues(
             last = (dim, excess)
             check = min(p, dim + min(max(s, step), dim // 4))
         q = _orthonormal_complement(vt[:rank], basis[:dim], nxt, gen)
-        if dim + nxt > basis.shape[0]:  # grow by half
-            size = min(p, dim + nxt + basis.shape[0] // 2)
+        if dim + nxt > basis.shape[0]:  # double: each growth copies the whole basis
+            size = min(p, dim + nxt + basis.shape[0])
             basis = torch.cat([basis, basis.new_empty(size - basis.shape[0], p)])
             tmat = torch.nn.functional.pad(tmat, (0, size - tmat.shape[0], 0, size - tmat.shape[0]))
         tmat[dim : dim + nxt, dim - b : dim] = torch.nn.functional.pad(lower.mT, (0, 0, 0, nxt - rank))
         tmat[dim - b : dim, dim : dim + nxt] = tmat[dim : dim + nxt, dim - b : dim].mT
         prev = b
+
+
+def _wide_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``x = U Σ Vᵀ`` of a wide block (b × p, b ≤ p), without LAPACK's SVD of it
+    (0.9 s at 32 × 125,500, one thread; a QR factorization of ``xᵀ`` takes 0.22 s).
+
+    Where ``κ(x) < 10⁴`` (every block but those at an invariant subspace), two passes through
+    the Gram matrix: ``x xᵀ = W Λ Wᵀ`` gives rows ``Y = Λ^{-1/2} Wᵀ x`` orthonormal to
+    ``ε κ²``, a second pass on ``Y Yᵀ`` makes them orthonormal to rounding, and the SVD of the
+    b × b ``M`` with ``x = M Y`` finishes (0.05 s). Otherwise ``xᵀ = Q R`` and the SVD of
+    ``Rᵀ``: backward stable, so the singular values that decide the block's rank are exact to
+    rounding.
+    """
+    lam, w = torch.linalg.eigh(x @ x.mT)
+    if float(lam[0]) > 1e-8 * float(lam[-1]):
+        y = (w / lam.sqrt()).mT @ x
+        lam2, w2 = torch.linalg.eigh(y @ y.mT)
+        y = (w2 / lam2.sqrt()).mT @ y
+        u, sig, zt = torch.linalg.svd((w * lam.sqrt()) @ (w2 * lam2.sqrt()))
+        return u, sig, zt @ y
+    q, r = torch.linalg.qr(x.mT)
+    u, sig, zt = torch.linalg.svd(r.mT)
+    return u, sig, zt @ q.mT
 
 
 def _orthonormal_complement(rows: Tensor, basis: Tensor, count: int, gen: torch.Generator) -> Tensor:
