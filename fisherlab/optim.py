@@ -453,7 +453,7 @@ class NaturalGradient(torch.optim.Optimizer):
                     self._warn("inverse_fallbacks", f"damped inverse of layer {index} failed ({exc}); falling back")
                     self.diagnostics.inverse_fallbacks += 1
                     continue
-                if _finite(inverse.left, inverse.right, *([] if inverse.denom is None else [inverse.denom])):
+                if _finite(inverse.left, inverse.right, inverse.denom):
                     break
                 self._warn("inverse_fallbacks", f"damped inverse of layer {index} was not finite; falling back")
                 self.diagnostics.inverse_fallbacks += 1
@@ -473,38 +473,48 @@ class NaturalGradient(torch.optim.Optimizer):
         self.diagnostics.seconds_inverse += time.perf_counter() - start
 
     # -- the update ----------------------------------------------------------------------
-    def _natural_direction(self, index: int, grad: Tensor) -> Tensor:
+    def _natural_direction(self, index: int, grad: Tensor) -> Tensor | None:
+        """``(F̂ + λ)⁻¹ ∇`` from the layer's cached inverse, or None where it has none."""
         state = self.state[self.layers[index].weight]
         denom = state["inv_denom"]
         if denom is None:
-            self._warn("gradient_fallbacks", f"layer {index} has no usable damped inverse; taking a gradient step")
-            self.diagnostics.gradient_fallbacks += 1
-            return grad
+            return None
         left, right = state["inv_left"], state["inv_right"]
         if denom.ndim == 0:
-            direction = left @ grad @ right
-        else:
-            direction = left @ ((left.mT @ grad @ right) / denom) @ right.mT
-        if not _finite(direction):
-            self._warn("gradient_fallbacks", f"the natural-gradient solve of layer {index} was not finite; taking a gradient step")
-            self.diagnostics.gradient_fallbacks += 1
-            return grad
-        return direction
+            return left @ grad @ right
+        return left @ ((left.mT @ grad @ right) / denom) @ right.mT
 
     def _apply_updates(self) -> None:
-        directions: dict[int, Tensor] = {}
-        quadratic = 0.0
-        for index, layer in self.layers.items():
-            if layer.weight.grad is None and layer.bias.grad is None:
-                continue
-            grad = weight_from_linear(_grad_or_zero(layer.weight), _grad_or_zero(layer.bias))
-            if not _finite(grad):
+        grads = {
+            index: weight_from_linear(_grad_or_zero(layer.weight), _grad_or_zero(layer.bias))
+            for index, layer in self.layers.items()
+            if layer.weight.grad is not None or layer.bias.grad is not None
+        }
+        # The finiteness checks and the KL quadratic form read one number per step from the
+        # device each, not one per layer.
+        for index, ok in zip(list(grads), _finite_each(grads.values())):
+            if not ok:
                 self._warn("skipped_updates", f"the gradient of layer {index} is not finite; layer {index} is not updated")
                 self.diagnostics.skipped_updates += 1
-                continue
-            directions[index] = self._natural_direction(index, grad)
-            lr = self._group(index)["lr"]
-            quadratic += lr**2 * float((directions[index] * grad).sum())
+                del grads[index]
+        directions: dict[int, Tensor] = {}
+        solved: list[int] = []
+        for index, grad in grads.items():
+            direction = self._natural_direction(index, grad)
+            if direction is None:
+                self._warn("gradient_fallbacks", f"layer {index} has no usable damped inverse; taking a gradient step")
+                self.diagnostics.gradient_fallbacks += 1
+                direction = grad
+            else:
+                solved.append(index)
+            directions[index] = direction
+        for index, ok in zip(solved, _finite_each(directions[index] for index in solved)):
+            if not ok:
+                self._warn("gradient_fallbacks",
+                           f"the natural-gradient solve of layer {index} was not finite; taking a gradient step")
+                self.diagnostics.gradient_fallbacks += 1
+                directions[index] = grads[index]
+        quadratic = float(sum((self._group(i)["lr"] ** 2 * (directions[i] * grads[i]).sum() for i in grads), 0.0))
         scale = 1.0
         if self.config.kl_clip is not None and quadratic > 0:
             scale = min(1.0, math.sqrt(self.config.kl_clip / quadratic))
@@ -564,11 +574,17 @@ def _check_group(lr: float, damping: float, momentum: float, weight_decay: float
         raise ValueError(f"weight_decay must be nonnegative, got {weight_decay}")
 
 
-def _finite(*tensors: Tensor) -> bool:
-    """Whether every entry is finite, by one reduction: a sum is finite exactly when the
-    entries are, short of overflow (which is refused too). One pass and one device sync
-    instead of an elementwise mask per tensor."""
-    return bool(torch.isfinite(sum(t.sum() for t in tensors)))
+def _finite_each(tensors: Iterable[Tensor]) -> list[bool]:
+    """Whether every entry of each tensor is finite, by one reduction each: a sum is finite
+    exactly when the entries are, short of overflow (which is refused too). One device sync
+    for all of them, no elementwise mask."""
+    sums = [t.sum() for t in tensors]
+    return torch.isfinite(torch.stack(sums)).tolist() if sums else []
+
+
+def _finite(*tensors: Tensor | None) -> bool:
+    """Whether every entry of the given tensors (None skipped) is finite (:func:`_finite_each`)."""
+    return all(_finite_each(t for t in tensors if t is not None))
 
 
 def _grad_or_zero(p: Tensor) -> Tensor:
