@@ -11,7 +11,7 @@ from fisherlab.kron.metrics import (
     error1,
     error2,
 )
-from fisherlab.kron.operator import KronSum
+from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.rearranged import KroneckerSVD
 from fisherlab.kron.stats import BlockStats, BlockTooLargeError
 

@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.operator import KronSum
+from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.rearranged import GramRearranged, ZFactors, frobenius_inner, linear_combination
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,

@@ -1,7 +1,7 @@
 """Kronecker approximations of a Fisher block, one function each, in a registry by name.
 
 Every fitter takes :class:`~fisherlab.kron.stats.BlockStats` and returns a :class:`FitResult`:
-the approximation as a :class:`~fisherlab.kron.operator.KronSum` and its diagnostics. The
+the approximation as a :class:`~fisherlab.kron.kronsum.KronSum` and its diagnostics. The
 first term is symmetric positive semi-definite (Prop. 3.2 of the paper: the sign of the top
 Kronecker singular pair is chosen so, then the factors are symmetrized). Each term
 ``σ_k R_k ⊗ S_k`` (``‖R_k‖ = ‖S_k‖ = 1``) is stored as ``(√σ_k R_k) ⊗ (√σ_k S_k)``.
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fisherlab.kron.operator import KronSum
+from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.rearranged import kronecker_svd, rearranged
-from fisherlab.kron.rsvd import Triplets, lanczos_svd, power_svd
+from fisherlab.kron.partial_svd import Triplets, lanczos_svd, power_svd
 from fisherlab.kron.stats import BlockStats
 
 

@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.operator import KronSum
+from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.stats import BlockStats
 
 #: Weighted relative accuracy of the eigenvalues of large multi-term ``F̂`` for ``rtol = 0``

@@ -3,8 +3,8 @@
 Every block the fitters see factors as ``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
 ``vec(a_n a_nᵀ)`` (and, for an averaged block, the previous approximation's factors), those
 of ``D_g`` likewise, and ``W`` is a diagonal of weights (``I/N`` for a mini-batch block,
-paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.rsvd.power_svd`
-and :func:`~fisherlab.kron.rsvd.lanczos_svd`:
+paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.partial_svd.power_svd`
+and :func:`~fisherlab.kron.partial_svd.lanczos_svd`:
 
 - :class:`Rearranged`, the matrix-free products of Prop. 3.1 on ``m × m`` and ``n × n``
   matrices, ``O(N (m² + n²))`` each;

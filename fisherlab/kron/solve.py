@@ -35,7 +35,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-from fisherlab.kron.operator import KronSum
+from fisherlab.kron.kronsum import KronSum
 
 SCHEMES = ("pi", "exact")
 INDEFINITE_REMEDIES = ("clip", "drop", "raise")

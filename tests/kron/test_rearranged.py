@@ -16,9 +16,9 @@ from fisherlab.kron.rearranged import (
     kronecker_svd,
     rearranged,
 )
-from fisherlab.kron.rsvd import lanczos_svd, power_svd
+from fisherlab.kron.partial_svd import lanczos_svd, power_svd
 
-from .conftest import CASES, _random
+from tests.conftest import CASES, _random
 
 
 def _averaged(stats, rho=0.6):

@@ -17,10 +17,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.blocklanczos import kron_top_eigenvalues
+from fisherlab.kron.eigensolvers import kron_top_eigenvalues, top_eigenvalues
 from fisherlab.kron.layout import unvec, vec
 from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
-from fisherlab.kron.topeig import top_eigenvalues
 
 #: Sums with ``p`` up to this size (after :meth:`KronSum.compressed`) get their eigenvalues
 #: from a dense eigvalsh.
@@ -125,10 +124,10 @@ class KronSum:
         - a dense eigvalsh up to :data:`DENSE_EIG_LIMIT` (below that the iterative solvers do
           not win: CURVES layer 5, p = 900 after restriction, k = 256), or when the Krylov
           space would exceed :data:`ITERATIVE_MAX_FRACTION` of the size;
-        - ARPACK's implicitly restarted Lanczos (:func:`~fisherlab.kron.topeig.top_eigenvalues`)
+        - ARPACK's implicitly restarted Lanczos (:func:`~fisherlab.kron.eigensolvers.top_eigenvalues`)
           for ``k <`` :data:`ARPACK_MAX_K` on the CPU;
         - otherwise block Lanczos with full reorthogonalization in the eigenbasis of the first
-          term (:func:`~fisherlab.kron.blocklanczos.kron_top_eigenvalues`; MNIST layer 5,
+          term (:func:`~fisherlab.kron.eigensolvers.kron_top_eigenvalues`; MNIST layer 5,
           k = 512: 2.9 s against 42 s for a dense eigvalsh), pure torch, any device.
 
         "Largest" is algebraic, so indefinite sums are handled. Accuracy: ``Σ w_i |θ_i − μ_i| ≤

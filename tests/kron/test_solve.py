@@ -16,7 +16,7 @@ from fisherlab.kron.solve import (
     safe_eigh,
 )
 
-from .conftest import CASES
+from tests.conftest import CASES
 
 
 def _pi_damped_dense(op: KronSum, damping: float):

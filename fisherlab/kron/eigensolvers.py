@@ -1,5 +1,10 @@
-"""The k algebraically largest eigenvalues of a symmetric Kronecker sum, by block Lanczos with
-full reorthogonalization in the eigenbasis of the sum's first term.
+"""The algebraically largest eigenvalues of large symmetric operators.
+
+:func:`kron_top_eigenvalues`: block Lanczos for a Kronecker sum, in the eigenbasis of its first
+term (below). :func:`top_eigenvalues`: ARPACK's implicitly restarted Lanczos for any symmetric
+operator given by its product, for sums too small or too special for the former.
+
+Block Lanczos for ``F̂ = Σ_j A_j ⊗ G_j``, with full reorthogonalization.
 
 Basis. With ``A_1 = U_a diag(α) U_aᵀ`` and ``G_1 = U_g diag(γ) U_gᵀ``, the orthogonal similarity
 ``U_a ⊗ U_g`` turns ``F̂ = Σ_j A_j ⊗ G_j`` into ``M = diag(α ⊗ γ) + Σ_{j≥2} B_j ⊗ C_j`` with
@@ -52,8 +57,11 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
@@ -227,3 +235,35 @@ def _gaps(theta: Tensor, all_theta: Tensor, all_res: Tensor) -> Tensor:
     rows = torch.arange(theta.shape[0], device=theta.device)
     dist[rows, rows] = float("inf")
     return dist.min(dim=1).values
+
+
+def top_eigenvalues(
+    matvec: Callable[[Tensor], Tensor],
+    p: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tol: float = 1e-8,
+    seed: int = 0,
+) -> Tensor:
+    """The ``k < p`` algebraically largest eigenvalues of a symmetric ``p × p`` operator, descending.
+
+    ARPACK's ``eigsh`` with ``which="LA"`` (largest *algebraic*, so indefinite operators are
+    handled). Its own work grows like ``p k²``, so callers use a dense eigvalsh when ``k`` is a
+    sizeable fraction of ``p``. The products run in torch on ``device``; ARPACK's vectors live on
+    the CPU in float64.
+
+    Args:
+        matvec: maps a vector of length ``p`` (``dtype``, on ``device``) to its image.
+        tol: ARPACK's relative accuracy of the Ritz values (0: machine precision).
+        seed: seed of the start vector (results are reproducible).
+    """
+
+    def mv(v: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(v).reshape(-1)).to(device=device, dtype=dtype)
+        return matvec(x).to(device="cpu", dtype=torch.float64).numpy()
+
+    lin = spla.LinearOperator((p, p), matvec=mv, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(p)
+    vals = spla.eigsh(lin, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    return torch.from_numpy(np.sort(vals)[::-1].copy()).to(device=device, dtype=dtype)

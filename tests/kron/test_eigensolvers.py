@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import fisherlab.kron.operator as operator_module
+import fisherlab.kron.kronsum as operator_module
 from fisherlab.kron import BlockStats, ExactReference, KronSum, dense_error2, fit
-from fisherlab.kron.blocklanczos import kron_top_eigenvalues
+from fisherlab.kron.eigensolvers import kron_top_eigenvalues
 
-from .conftest import _random, devices
+from tests.conftest import _random, devices
 
 
 def _sum(seed: int, m: int, n: int, rank: int = 2, dead: bool = False) -> KronSum:
@@ -130,9 +130,9 @@ def test_error2_through_block_lanczos_equals_dense(method, lanczos_path):
 
 def test_small_blocks_grow_the_basis(monkeypatch):
     # Blocks of 3 vectors: the Krylov space outgrows its first allocation (3k + 8 blocks).
-    from fisherlab.kron import blocklanczos
+    from fisherlab.kron import eigensolvers
 
-    monkeypatch.setattr(blocklanczos, "BLOCK", 3)
+    monkeypatch.setattr(eigensolvers, "BLOCK", 3)
     op = _sum(8, 12, 10)
     lam = _dense_top(op)
     out = kron_top_eigenvalues(op.act, op.grad, 20, tol=1e-12)
@@ -144,7 +144,7 @@ def test_small_blocks_grow_the_basis(monkeypatch):
 def test_wide_svd_matches_lapack(kind):
     # The Gram route (κ < 1e4) and the QR route (a rank-deficient block) both give a thin SVD
     # with orthonormal rows of Vᵀ and the singular values LAPACK gives.
-    from fisherlab.kron.blocklanczos import _wide_svd
+    from fisherlab.kron.eigensolvers import _wide_svd
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(6, 500, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, 6, dtype=torch.float64)[:, None]

@@ -5,7 +5,7 @@ from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
 from fisherlab.kron.fitters import options_of
 from fisherlab.kron.layout import rearrange, unvec, vec
 
-from .conftest import CASES, _random, cuda
+from tests.conftest import CASES, _random, cuda
 
 TIGHT = 1e-12
 

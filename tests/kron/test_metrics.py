@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import fisherlab.kron.operator as operator_module
+import fisherlab.kron.kronsum as operator_module
 from fisherlab.kron import (
     METHODS,
     BlockStats,
@@ -14,7 +14,7 @@ from fisherlab.kron import (
     fit,
 )
 
-from .conftest import CASES, _random
+from tests.conftest import CASES, _random
 
 
 def _relclose(x: float, ref: float, rtol: float = 1e-8) -> bool:
@@ -80,7 +80,7 @@ def test_errors_of_the_exact_block_are_zero(exact_stats):
 def test_certified_error2_brackets_the_exact_value(monkeypatch):
     from fisherlab.kron import ExactReference
 
-    from .conftest import _random
+    from tests.conftest import _random
 
     monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
     stats = _random(11, 80, 12, 10)  # p = 130 > N = 80 > 32: the first k is partial
@@ -101,7 +101,7 @@ def test_certified_error2_where_p_is_much_larger_than_n(monkeypatch):
     # Cauchy–Schwarz alone needed k = 64.
     from fisherlab.kron import ExactReference
 
-    from .conftest import _random
+    from tests.conftest import _random
 
     monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
     stats = _random(5, 64, 60, 40)
@@ -114,7 +114,7 @@ def test_certified_error2_where_p_is_much_larger_than_n(monkeypatch):
 
 
 def test_top_eigenvalues_are_algebraic_for_indefinite_operators():
-    from fisherlab.kron.topeig import top_eigenvalues
+    from fisherlab.kron.eigensolvers import top_eigenvalues
 
     gen = torch.Generator().manual_seed(4)
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
@@ -131,7 +131,7 @@ def test_min_eigenvalue_bound_is_a_lower_bound(stats):
 
 
 def test_compression_to_the_factor_ranges_keeps_the_spectrum(monkeypatch):
-    from .conftest import _random
+    from tests.conftest import _random
 
     stats = _random(12, 6, 9, 8)  # N = 6 < m, n: fitted factors have rank ≤ 6
     for method in ("deflation", "kfac_corrected", "gram_svd"):
