@@ -1,4 +1,4 @@
-"""The documents stay true: the API contract's names import and its examples run, and every
+"""The documents stay true: the API contract's names import, its and the README's examples run, and every
 reference to a design or data document points into the repository, at a section that exists."""
 
 from __future__ import annotations
@@ -26,11 +26,22 @@ def _contract_examples() -> list[str]:
     return _BLOCKS.findall(CONTRACT.read_text(encoding="utf-8"))
 
 
+def _examples() -> list[tuple[str, str]]:
+    """``(where, code)`` of every python block of the contract and of the README."""
+    readme = _BLOCKS.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+    return [
+        (f"{doc}, python block {i + 1}", code)
+        for doc, blocks in (("docs/api-contract.md", _contract_examples()), ("README.md", readme))
+        for i, code in enumerate(blocks)
+    ]
+
+
 def test_the_contract_lists_names_and_examples():
     # Guards the two parametrized tests below against a format change that would empty them.
     modules = {module for module, _ in _contract_names()}
     assert {"fisherlab.kron", "fisherlab.store", "fisherlab.probe", "fisherlab.analysis", "fisherlab.optim"} <= modules
     assert len(_contract_examples()) >= 6
+    assert any(where.startswith("README.md") for where, _ in _examples())
 
 
 @pytest.mark.parametrize(("module", "name"), _contract_names(), ids=lambda v: v)
@@ -41,12 +52,11 @@ def test_every_name_in_the_contract_exists(module, name):
         obj = getattr(obj, part)
 
 
-@pytest.mark.parametrize("index", range(len(_contract_examples())))
-def test_contract_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("where", "code"), _examples(), ids=[where for where, _ in _examples()])
+def test_documented_example_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write their files here
     monkeypatch.setenv("FISHERLAB_CACHE_DIR", str(tmp_path / "cache"))
-    code = _contract_examples()[index]
-    block = compile(code, f"docs/api-contract.md, python block {index + 1}", "exec")
+    block = compile(code, where, "exec")
     exec(block, {"__name__": "contract_example"})  # noqa: S102 -- the examples are this repository's own text
 
 
