@@ -158,7 +158,7 @@ class NaturalGradient(torch.optim.Optimizer):
       the averaged block the method can give, up to the recursion, and it is the default
       because it is measurably closer to the exact running block than the factor average,
       at the same cost per update up to ``r`` extra rank-one products per sweep
-      (``benchmarks/bench_optim.py average``; benchmarks/results/average.md).
+      (``benchmarks/bench_optim.py average``; benchmarks/results/averaging.md).
     - ``average="factors"`` (the paper): fit to the mini-batch block, then average each
       factor, ``A_j ← ρ_k A_j + (1 − ρ_k) A_j^{batch}`` (likewise ``G_j``; the joint sign of a
       second term is aligned with the previous one first).
