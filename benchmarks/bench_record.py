@@ -1,4 +1,4 @@
-"""Seconds per training step of ``fisherlab record`` against plain Adam, on CURVES and MNIST.
+"""Seconds per training step of ``fisherlab record`` against plain Adam, for each compression.
 
 Modes, each timed on the same model and batches, one step of each in turn so that a busy
 machine slows them alike. The median step of each mode is reported in wall-clock time and
@@ -6,38 +6,37 @@ in CPU time of the process; other processes disturb the latter far less, so the 
 checked against it. One torch thread by default: on a busy machine a second one spends most
 of its time waiting for the first, which inflates and scatters every timing.
 
-    plain Adam     the step of ``fisherlab train``: Adam.step(closure), the closure running
-                   zero_grad, forward, loss, backward
+    plain Adam     the baseline: the step of ``fisherlab train``, Adam.step(closure), the
+                   closure running zero_grad, forward, loss, backward
     unrecorded     Recorder.train_step(capture=False): a step of record that is not recorded
     capture        Recorder.train_step(capture=True): + the probe's extra backward pass
-    capture+write  capture, then RunWriter.write_step(dense_budget=0) and, at most every
-                   CHECKPOINT_INTERVAL_S, the resume checkpoint: a whole recorded step of
-                   ``record --dense-budget 0``
+    write <c>      capture, then RunWriter.write_step(dense_budget=0) into a file compressed
+                   with ``c`` and, at most every CHECKPOINT_INTERVAL_S, the resume
+                   checkpoint: a whole recorded step of ``record --dense-budget 0``
 
-The dense blocks that the default budget admits (``--dense-budget 1GiB``) are timed on one
-recorded step apart, since they cost seconds. Targets: capture+write at most 2.5x plain
-Adam; unrecorded steps at most 1.05x.
+Every compression asked for (default: all of fisherlab.store.COMPRESSIONS) gets its own
+"write" mode in the same round robin, so its "x Adam" ratio is against the plain Adam steps
+of the same run. The compression table adds, per compression, the median CPU seconds of
+write_step alone, the median seconds to read back every layer's statistics of a recorded
+step (RunReader.stats), and the stored MB per step. The dense blocks that the default
+budget admits (``--dense-budget 1GiB``) are timed on one recorded step per compression
+apart, since they cost seconds. Targets: a recorded step at most 2.5x plain Adam;
+unrecorded steps at most 1.05x.
 
-The write is timed with record's default compression, lz4 (``--compression`` picks
-another; fisherlab.store tabulates them). record writes synchronously, inside the step, so
-the CPU time of the process is the whole cost of a step, and the targets are checked
-against it. A writer thread that compresses while the next steps train was tried and left
-out: it can only save wall time where a core sits idle, and none does when torch's threads
-or other processes take them all. Timed on runs of recorded steps (blocks of six per mode,
-round robin, load 3.7 to 4.0 on two cores), it made a recorded step slower, not faster:
-wall 3.87x plain Adam against 2.99x synchronous on CURVES, 2.06x against 1.78x on MNIST,
-with more CPU time too (2.74x against 2.35x; 2.03x against 1.86x). It would also charge
-the write's CPU time to the steps that follow it.
+record writes synchronously, inside the step, so the CPU time of the process is the whole
+cost of a step (benchmarks/results/run_file_compression.md says why there is no writer
+thread).
 
 Usage:
     python benchmarks/bench_record.py                      # curves and mnist, 20 steps a mode
+    python benchmarks/bench_record.py --problems curves --steps 20 --compressions lz4 lzf gzip
     python benchmarks/bench_record.py --problems mnist --steps 40 --threads 2 --no-dense
-    python benchmarks/bench_record.py --no-dense --compression gzip   # the portable, slower write
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -50,15 +49,17 @@ from fisherlab.errors import UserInputError
 from fisherlab.problems import get_problem
 from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder, _save_checkpoint
 from fisherlab.store import (
+    COMPRESSION_NEEDS_PLUGIN,
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     DEFAULT_DENSE_BUDGET,
+    RunReader,
     RunWriter,
 )
 from fisherlab.training import build_optimizer
 
-MODES = ("plain Adam", "unrecorded", "capture", "capture+write")
-TARGETS = {"capture+write": 2.5, "unrecorded": 1.05}
+TARGETS = {"write": 2.5, "unrecorded": 1.05}
+DENSE_ROUNDS = 3
 
 
 def _data(name: str, batch: int, count: int) -> tuple[list[torch.Tensor], str]:
@@ -74,21 +75,24 @@ def _data(name: str, batch: int, count: int) -> tuple[list[torch.Tensor], str]:
     return [train[order[i * batch : (i + 1) * batch]].contiguous() for i in range(count)], source
 
 
-def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -> None:
-    """Time the four modes on one problem and print its table."""
+def bench(name: str, steps: int, dense: bool, workdir: Path, compressions: list[str]) -> None:
+    """Time the modes on one problem and print its two tables."""
     problem = get_problem(name)
     batches, source = _data(name, problem.batch_size, 8)
     model = problem.build_model(seed=0)
     adam = build_optimizer("adam", model, problem, lr=1e-3)
     layers = list(range(1, problem.num_layers + 1))
     recorder = Recorder(model, problem, adam, layers)
-    out = workdir / f"{name}.h5"
-    writer = RunWriter(out, {"problem": name}, recorder.probe.layer_shapes, force=True, compression=compression)
+    shapes = recorder.probe.layer_shapes
+    files = {c: workdir / f"{name}-{c}.h5" for c in compressions}
+    writers = {c: RunWriter(files[c], {"problem": name}, shapes, force=True, compression=c) for c in compressions}
     ckpt = workdir / f"{name}.resume.pt"
     counter = iter(range(10**8))
-    recorded_bytes = []
-    split = {"HDF5 write": [], "checkpoint": []}  # CPU seconds inside capture+write
-    last_checkpoint = [time.monotonic()]
+    recorded = {c: [] for c in compressions}  # steps written, for the read timing
+    recorded_bytes = {c: [] for c in compressions}
+    write_cpu = {c: [] for c in compressions}  # CPU seconds of write_step alone
+    checkpoint_cpu = []
+    last_checkpoint = {c: time.monotonic() for c in compressions}
 
     def plain(x: torch.Tensor) -> None:
         # The step of fisherlab.training.train (``fisherlab train --optimizer adam``).
@@ -100,73 +104,111 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -
 
         float(adam.step(closure).detach())
 
-    def full(x: torch.Tensor) -> None:
+    def write(compression: str, x: torch.Tensor) -> None:
         step = next(counter)
+        out, writer = files[compression], writers[compression]
         size = out.stat().st_size
         loss, stats = recorder.train_step(x, step, capture=True)
         start = time.process_time()
         writer.write_step(step, 0, loss, stats, dense_budget=0)
         middle = time.process_time()
-        split["HDF5 write"].append(middle - start)
-        if time.monotonic() - last_checkpoint[0] >= CHECKPOINT_INTERVAL_S:  # record's policy
+        write_cpu[compression].append(middle - start)
+        if time.monotonic() - last_checkpoint[compression] >= CHECKPOINT_INTERVAL_S:  # record's policy
             _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": adam.state_dict(), "next_step": step + 1})
-            split["checkpoint"].append(time.process_time() - middle)
-            last_checkpoint[0] = time.monotonic()
-        recorded_bytes.append(out.stat().st_size - size)
+            checkpoint_cpu.append(time.process_time() - middle)
+            last_checkpoint[compression] = time.monotonic()
+        recorded[compression].append(step)
+        recorded_bytes[compression].append(out.stat().st_size - size)
 
     run = {
         "plain Adam": plain,
         "unrecorded": lambda x: recorder.train_step(x, 0, capture=False),
         "capture": lambda x: recorder.train_step(x, 0, capture=True),
-        "capture+write": full,
     }
-    wall = {mode: [] for mode in MODES}
-    cpu = {mode: [] for mode in MODES}
-    for mode in MODES:  # warm-up: allocator, Adam state, HDF5 file
+    for c in compressions:
+        run[f"write {c}"] = lambda x, c=c: write(c, x)
+    modes = list(run)
+    wall = {mode: [] for mode in modes}
+    cpu = {mode: [] for mode in modes}
+    for mode in modes:  # warm-up: allocator, Adam state, HDF5 files
         run[mode](batches[0])
     # Round robin, one step of each mode in turn, so that other load hits every mode alike; the
     # order rotates because the step after a file write runs on colder caches.
     for i in range(steps):
-        for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
+        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
             x = batches[i % len(batches)]
             start, start_cpu = time.perf_counter(), time.process_time()
             run[mode](x)
             wall[mode].append(time.perf_counter() - start)
             cpu[mode].append(time.process_time() - start_cpu)
+    for writer in writers.values():
+        writer.close()
 
     print(
         f"\n{name}: batch {problem.batch_size}, {problem.num_parameters:,} parameters, {len(layers)} layers "
-        f"recorded, {source}, {torch.get_num_threads()} threads, {steps} steps a mode, {compression} compression"
+        f"recorded, {source}, {torch.get_num_threads()} threads, {steps} steps a mode, load {_load()}"
     )
-    print(f"{'mode':<16}{'wall s':>9}{'x plain':>9}{'CPU s':>9}{'x plain':>9}  target (CPU)")
-    med = {mode: (statistics.median(wall[mode]), statistics.median(cpu[mode])) for mode in MODES}
+    print(f"{'mode':<16}{'wall s':>9}{'x Adam':>9}{'CPU s':>9}{'x Adam':>9}  target (CPU)")
+    med = {mode: (statistics.median(wall[mode]), statistics.median(cpu[mode])) for mode in modes}
     base = med["plain Adam"]
-    for mode in MODES:
-        (w, c), target = med[mode], TARGETS.get(mode)
+    for mode in modes:
+        (w, c), target = med[mode], TARGETS.get("write" if mode.startswith("write") else mode)
         verdict = "" if target is None else f"{target:.2f}: " + ("met" if c / base[1] <= target else "MISSED")
         print(f"{mode:<16}{w:>9.3f}{w / base[0]:>9.2f}{c:>9.3f}{c / base[1]:>9.2f}  {verdict}")
-    w, c = ((99 * med["unrecorded"][k] + med["capture+write"][k]) / 100 for k in (0, 1))
-    print(f"{'every 100, avg':<16}{w:>9.3f}{w / base[0]:>9.2f}{c:>9.3f}{c / base[1]:>9.2f}")
-    parts = ", ".join(
-        f"{k} {statistics.median(v):.3f} s ({statistics.median(v) / base[1]:.2f}x, {len(v)} times)"
-        for k, v in split.items()
-        if v
-    )
-    print(f"capture+write CPU includes: {parts}")
-    print(f"HDF5 per recorded step, statistics only: {statistics.median(recorded_bytes[1:]) / 1e6:.2f} MB")
+    if checkpoint_cpu:
+        print(f"resume checkpoints inside the write steps: {len(checkpoint_cpu)}, median "
+              f"{statistics.median(checkpoint_cpu):.3f} s CPU")
+
+    raw = sum(4 * problem.batch_size * (shapes[i][0] + 1 + shapes[i][1]) for i in layers) / 1e6
+    print(f"\nstatistics of a recorded step ({raw:.2f} MB raw float32); x Adam: the whole recorded step, CPU")
+    print(f"{'compression':<13}{'MB/step':>9}{'x raw':>7}{'write s':>9}{'read s':>9}{'x Adam':>8}  plugin-free")
+    for c in compressions:
+        mb = statistics.median(recorded_bytes[c][1:] or recorded_bytes[c]) / 1e6
+        read = statistics.median(_read_seconds(files[c], recorded[c]))
+        ratio = med[f"write {c}"][1] / base[1]
+        plugin = "no (hdf5plugin)" if COMPRESSION_NEEDS_PLUGIN[c] else "yes"
+        print(f"{c:<13}{mb:>9.2f}{mb / raw:>7.2f}{statistics.median(write_cpu[c]):>9.3f}{read:>9.3f}{ratio:>8.2f}  {plugin}")
 
     if dense:
-        size = out.stat().st_size
-        start, start_cpu = time.perf_counter(), time.process_time()
         loss, stats = recorder.train_step(batches[0], next(counter), capture=True)
-        writer.write_step(10**7, 0, loss, stats, dense_budget=DEFAULT_DENSE_BUDGET)
-        seconds, seconds_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         admitted = [i for i, s in stats.items() if 4 * s.p**2 <= DEFAULT_DENSE_BUDGET]
-        print(
-            f"recorded step with the dense blocks of the default budget (layers {admitted}): {seconds:.1f} s wall "
-            f"({seconds / base[0]:.0f}x plain), {seconds_cpu:.1f} s CPU, {(out.stat().st_size - size) / 1e6:.1f} MB"
-        )
-    writer.close()
+        dense_raw = sum(4 * stats[i].p ** 2 for i in admitted) / 1e6
+        print(f"\none recorded step with the dense blocks of the default budget (layers {admitted}, "
+              f"{dense_raw:.0f} MB raw), forming them included")
+        print(f"{'compression':<13}{'wall s':>9}{'CPU s':>9}{'MB':>9}   (median of {DENSE_ROUNDS} rounds)")
+        timings = {c: [] for c in compressions}
+        for _ in range(DENSE_ROUNDS):  # round robin again: the first write also pays for cold memory
+            for c in compressions:
+                out = workdir / f"{name}-{c}-dense.h5"
+                with RunWriter(out, {"problem": name}, shapes, force=True, compression=c) as writer:
+                    size = out.stat().st_size
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    writer.write_step(0, 0, loss, stats, dense_budget=DEFAULT_DENSE_BUDGET)
+                    seconds, seconds_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+                timings[c].append((seconds, seconds_cpu, (out.stat().st_size - size) / 1e6))
+                out.unlink()
+        for c, rows in timings.items():
+            seconds, seconds_cpu, mb = (statistics.median(column) for column in zip(*rows))
+            print(f"{c:<13}{seconds:>9.2f}{seconds_cpu:>9.2f}{mb:>9.1f}")
+
+
+def _read_seconds(path: Path, steps: list[int]) -> list[float]:
+    """Wall seconds to read every layer's statistics of each recorded step."""
+    seconds = []
+    with RunReader(path) as reader:
+        for step in steps:
+            start = time.perf_counter()
+            for layer in reader.layers:
+                reader.stats(step, layer, dtype=torch.float32)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
 
 
 def main() -> None:
@@ -181,16 +223,17 @@ def main() -> None:
     )
     parser.add_argument("--no-dense", action="store_true", help="skip the one-step dense write")
     parser.add_argument(
-        "--compression",
-        default=DEFAULT_COMPRESSION,
+        "--compressions",
+        nargs="+",
+        default=list(COMPRESSIONS),
         choices=list(COMPRESSIONS),
-        help=f"of the run file (default: record's, {DEFAULT_COMPRESSION})",
+        help=f"run-file compressions to time (default: all; record's default is {DEFAULT_COMPRESSION})",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.problems:
-            bench(name, args.steps, not args.no_dense, Path(tmp), args.compression)
+            bench(name, args.steps, not args.no_dense, Path(tmp), list(dict.fromkeys(args.compressions)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fit every Kronecker approximation on every recorded step and layer of a run file.
 
 For each completed step and layer the analysis stores, in the run file under
-``/analysis/<step>/layer<i>/<method>`` (DESIGN.md §4), Error 1 and Error 2 (matrix-free,
+``/analysis/<step>/layer<i>/<method>`` (docs/design.md §5), Error 1 and Error 2 (matrix-free,
 :class:`~fisherlab.kron.ExactReference`), the fit's seconds, iterations and residual, the
 Kronecker singular values of the fitted terms and the top ``min(N, p)`` eigenvalues of the
 approximation; under the pseudo-method :data:`EXACT` it stores ``‖F‖_F``, the top eigenvalues
@@ -35,7 +35,7 @@ from fisherlab.store import RunReader
 DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "gram_svd")
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
-#: Columns of ``errors.csv`` (DESIGN.md §4 plus diagnostics).
+#: Columns of ``errors.csv`` (docs/design.md §6).
 COLUMNS = (
     "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
     "residual", "converged", "warm_started", "error_seconds", "error2_halfwidth",

@@ -147,7 +147,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     **Statistics.** Every ``T₁`` steps (``t_stats``) one extra backward pass with ``k``
     targets per input drawn from the model's predictive distribution (``mc_samples``) gives
-    each layer's mini-batch block ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (DESIGN.md §2), and the
+    each layer's mini-batch block ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (docs/design.md §2), and the
     approximation is refitted; every ``T₂`` steps (``t_inv``) the damped inverses are
     recomputed. The ``k``-th statistics update averages with weight
     ``ρ_k = min(1 − 1/k, α)`` on the past (``decay`` = α), in one of two ways:
@@ -156,12 +156,9 @@ class NaturalGradient(torch.optim.Optimizer):
       block, ``F̂_k = fit(ρ_k F̂_{k−1} + (1 − ρ_k) F_k)``, matrix-free
       (:class:`fisherlab.kron.averaged.AveragedBlock`). This is the best approximation of
       the averaged block the method can give, up to the recursion, and it is the default
-      because it is measurably closer to the exact running block: on CURVES layer 3 during
-      an Adam run (15 updates, α = 0.95, ``benchmarks/bench_optim.py average``), Error 1
-      against the exact ``ρ``-averaged block at the last update is 0.082 / 0.057 / 0.057 /
-      0.069 (KPSVD / Deflation / Lanczos / KFAC-corrected) with the block average and
-      0.172 / 0.171 / 0.171 / 0.244 with the factor average; the cost per update is the
-      same up to ``r`` extra rank-one products per sweep.
+      because it is measurably closer to the exact running block than the factor average,
+      at the same cost per update up to ``r`` extra rank-one products per sweep
+      (``benchmarks/bench_optim.py average``; benchmarks/results/averaging.md).
     - ``average="factors"`` (the paper): fit to the mini-batch block, then average each
       factor, ``A_j ← ρ_k A_j + (1 − ρ_k) A_j^{batch}`` (likewise ``G_j``; the joint sign of a
       second term is aligned with the previous one first).

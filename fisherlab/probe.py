@@ -9,7 +9,7 @@ gradient is ``vec(∇W ℓ_n) = ā_n ⊗ g_n`` with ``g_n = ∂ℓ_n/∂s_n``, s
 Forward hooks keep each layer's input and output; :meth:`FisherProbe.capture` then takes the
 gradient of ``Σ_n ℓ_n`` with respect to the saved outputs. Sample ``n``'s pre-activation only
 reaches ``ℓ_n``, so row ``n`` of that gradient is exactly ``g_n``: one backward pass gives
-every per-example gradient, unscaled by the batch size (DESIGN.md §2).
+every per-example gradient, unscaled by the batch size (docs/design.md §2.3).
 
 Typical use in a training step (the probe runs *before* the training backward)::
 

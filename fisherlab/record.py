@@ -354,17 +354,16 @@ def record(
         dense_budget: bytes allowed per dense block (``4 p²``), an int or e.g. ``"1GB"``;
             smaller blocks are stored densely too; 0 stores statistics only. The default,
             the store's 1 GiB, admits layer 5 of every problem; forming and compressing the
-            admitted blocks costs 2 to 5 s of CPU per recorded step on CURVES and MNIST
-            with lz4 (gzip: about 15 s and more).
+            admitted blocks costs seconds of CPU per recorded step.
         seed: seed of the weights, the batch order and the Monte-Carlo targets.
         data_dir: directory with the original data files (see :mod:`fisherlab.data`).
         cache_dir: cache of regenerated data sets (CURVES, FACES).
         device: ``cpu`` or ``cuda``.
         force: overwrite an existing ``out``.
         resume: continue ``out`` from its last checkpoint (create it if missing).
-        compression: of the HDF5 datasets: ``"lz4"`` (default, fastest compressed),
-            ``"zstd"`` (as small as gzip), ``"gzip"`` (readable by any HDF5 tool without
-            plugins), ``"lzf"`` or ``"none"``; :mod:`fisherlab.store` gives the measured trade-off.
+        compression: of the HDF5 datasets: ``"lzf"`` (default; plain h5py reads it),
+            ``"gzip"`` (any HDF5 tool reads it), ``"lz4"`` or ``"zstd"`` (need hdf5plugin), or
+            ``"none"``; :mod:`fisherlab.store` describes the trade-off.
         linear_code: no ReLU after the narrowest hidden layer (Hinton & Salakhutdinov's
             auto-encoders; the default, ReLU everywhere, is the authors' code).
         progress: show a progress bar (step, loss, ETA).

@@ -1,10 +1,11 @@
 """The HDF5 run file: per-step, per-layer Fisher statistics and the analysis results.
 
-The only module that imports h5py. Layout (DESIGN.md §4, ``format_version`` 1)::
+The only module that imports h5py. Layout (docs/design.md §5, ``format_version`` 1)::
 
     /                         attrs: format="fisherlab.run", format_version=1,
                                      fisherlab_version, created (ISO 8601), config (JSON),
-                                     torch_version, finished (bool)
+                                     torch_version, finished (bool), compression (str),
+                                     compression_needs_plugin (bool)
     /layers/layer<i>          attrs: index, d_in, d_out
     /steps/<8-digit step>/    attrs: step, epoch, loss, complete
         layer<i>/a            float32 (N, d_in + 1), column 0 all ones
@@ -15,10 +16,9 @@ The only module that imports h5py. Layout (DESIGN.md §4, ``format_version`` 1):
 
 Crash safety: a step (or analysis) group is built unlinked, marked ``complete``, flushed,
 and only then linked under its name and flushed again, so a killed writer leaves every
-group it finished readable. HDF5 has no atomic commit: only a kill inside that second,
-short flush (a few metadata blocks) can still damage the file. Measured: SIGKILL at random
-points, mostly mid-write, kept every completed step in 150 of 150 runs, against 2 damaged
-files in 71 when groups were filled in place. Readers ignore groups without ``complete``
+group it finished readable; HDF5 has no atomic commit, so only a kill inside that second,
+short flush (a few metadata blocks) can still damage the file (the kill test is in
+benchmarks/results/run_file_compression.md). Readers ignore groups without ``complete``
 and ``resume`` deletes them. ``finished`` is set only when the writer closes normally.
 This survives a killed process, not a power cut (no fsync). The default ``libver`` is
 deliberate: with ``libver="latest"`` HDF5 marks the file open-for-write in its superblock
@@ -28,43 +28,25 @@ Precision: ``a``, ``g`` and ``fisher`` are float32 (the contract), except that s
 recorded in float64 are kept in float64, so that no digit is lost where one was asked for.
 
 Compression: ``a``, ``g`` and ``fisher`` are compressed in chunks of whole rows of about
-:data:`CHUNK_BYTES` (1 MiB; h5py's own guess, 8 to 25 kB for these shapes, made the lz4
-and zstd writes up to twice as slow). ``compression`` picks the filter; every option
-reads back bit for bit:
+:data:`CHUNK_BYTES` (h5py's own chunk guess is a few kB for these shapes, which slows the
+writes). ``compression`` picks the filter; every option reads back bit for bit:
 
-- ``"lz4"`` (default) and ``"zstd"`` (level 1) are filters of the ``hdf5plugin`` package,
-  which this module imports, so fisherlab reads and writes them with no setup. Other HDF5
-  tools (``h5dump``, HDFView, h5py without ``import hdf5plugin``) need the same plugins,
-  e.g. ``HDF5_PLUGIN_PATH`` set to ``python -c "import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)"``.
+- ``"lzf"`` (default) ships inside h5py, so ``h5py.File(path)[...]`` reads the file with
+  no plugin; it is the fastest of the filters stock h5py reads. Other HDF5 tools (h5dump,
+  HDFView) need h5py's lzf plugin.
 - ``"gzip"`` (level 4) is built into every HDF5 library: choose it for files that plain
-  HDF5 tools must read without plugins. It is the slowest, 5 to 7 times lz4's CPU time.
-- ``"lzf"`` (h5py's own filter) and ``"none"``. Files written with any of these, including
-  the gzip files of earlier fisherlab versions (h5py's chunks), read the same way.
+  HDF5 tools must read without plugins; it writes several times slower than lzf.
+- ``"lz4"`` and ``"zstd"`` (level 1) are filters of the ``hdf5plugin`` package, which this
+  module imports, so fisherlab reads and writes them with no setup; every other reader
+  needs ``import hdf5plugin`` first (or ``HDF5_PLUGIN_PATH`` set to
+  ``hdf5plugin.PLUGIN_PATH``). lz4 writes a little faster than lzf; zstd is as small as gzip.
+- ``"none"``.
 
-Measured with ``benchmarks/bench_record.py`` (CPU time, one torch thread, two shared cores
-at load 1.9 to 4.7) on recorded steps of MNIST (8 layers, N = 512, real MNIST; 17.7 MB raw
-float32 of ``a`` and ``g``) and CURVES (12 layers, N = 256; 4.8 MB raw). "x Adam" is the
-whole recorded step (probe and write) over a plain Adam step timed in the same run; the
-read is of all of a MNIST step's statistics::
-
-    compression   MNIST MB/step   write s     read s   x Adam, MNIST   x Adam, CURVES
-    lz4              10.4         0.06-0.08   0.04     1.72-2.11       2.00-2.64 (median 2.26)
-    zstd (1)          8.8         0.11-0.12   0.07     2.09-2.13       2.39-2.59
-    gzip (4)          8.7         0.41-0.56   0.12     4.31-4.36       6.00-6.67
-    none             17.7         0.02        0.01     1.48            1.81
-
-lz4 is the default because it is the compressed write that keeps a recorded step within
-the target of 2.5 Adam steps on CURVES too: a CURVES Adam step (0.03 s) leaves about
-0.03 s for writing 4.8 MB, which zstd-1 uses up (2.4–2.6x, no margin). lz4 files are
-about 1.2 times gzip's; zstd matches gzip's size at a quarter of its time. Byte shuffle
-(Blosc, bitshuffle) made these statistics larger with every codec: about half of their
-entries are exact zeros (ReLU), scattered, and the rest compresses little.
-
-The dense blocks that :data:`DEFAULT_DENSE_BUDGET` admits on MNIST (layers 4 and 5,
-p = 7,530 and 7,750; 467 MB raw) add 341 MB with lz4 (1.2 s of CPU to compress), 309 MB
-with zstd (1.9 s) and 306 MB with gzip (14 s) at step 0, and 36, 30 and 31 MB (0.4, 0.6
-and 4.0 s) at step 100 of one run. ``dense_budget=0`` stores the statistics only; every
-analysis works matrix-free from them.
+The root attributes ``compression`` (the filters of the recorded datasets, comma-separated
+when a resumed run changed it) and ``compression_needs_plugin`` say what a reader needs;
+files written before they existed (lz4 or gzip) read the same way. The measured trade-off
+(seconds, MB per step, cost against an Adam step) is in
+benchmarks/results/run_file_compression.md.
 """
 
 from __future__ import annotations
@@ -100,9 +82,18 @@ COMPRESSIONS = {
     "lzf": {"compression": "lzf"},
     "none": {},
 }
-DEFAULT_COMPRESSION = "lz4"
+#: Whether reading a compression's datasets needs a filter plugin (``hdf5plugin``) that
+#: stock HDF5 tools and a bare ``import h5py`` lack; gzip and lzf ship with h5py.
+COMPRESSION_NEEDS_PLUGIN = {"lz4": True, "zstd": True, "gzip": False, "lzf": False, "none": False}
+DEFAULT_COMPRESSION = "lzf"
+_FILTER_NAMES = {
+    hdf5plugin.LZ4_ID: "lz4",
+    hdf5plugin.ZSTD_ID: "zstd",
+    h5py.h5z.FILTER_DEFLATE: "gzip",
+    h5py.h5z.FILTER_LZF: "lzf",
+}
 #: Bytes per chunk of a compressed dataset, in whole rows: h5py's own guess for an
-#: (N, d) statistic, 8 to 25 kB, made writes up to twice as slow.
+#: (N, d) statistic, a few kB, makes the writes slower.
 CHUNK_BYTES = 2**20
 _ANALYSIS_FILTERS = {"chunks": True, **COMPRESSIONS["gzip"]}  # small arrays: any HDF5 tool reads them
 _STEP_LIMIT = 10**8  # step names have 8 digits
@@ -168,6 +159,29 @@ def _open_existing(path: Path, mode: str) -> h5py.File:
     return f
 
 
+def _compressions_in(steps: h5py.Group) -> set[str]:
+    """Compression names of the recorded datasets, from their HDF5 filter pipelines."""
+    names = set()
+
+    def visit(_name: str, item) -> None:
+        if isinstance(item, h5py.Dataset):
+            plist = item.id.get_create_plist()
+            ids = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+            names.update(_FILTER_NAMES.get(i, f"filter {i}") for i in ids if i != h5py.h5z.FILTER_SHUFFLE)
+            names.update(() if ids else ("none",))
+
+    steps.visititems(visit)
+    return names
+
+
+def _compression_attrs(names: set[str]) -> dict:
+    """Root attributes that tell a reader which filters the recorded datasets need."""
+    return {
+        "compression": ",".join(sorted(names)),
+        "compression_needs_plugin": any(COMPRESSION_NEEDS_PLUGIN.get(n, True) for n in names),
+    }
+
+
 def _write_group(f: h5py.File, path: str, fill) -> None:
     """Write a group with ``fill(group)`` and only then link it at ``path``.
 
@@ -192,13 +206,14 @@ class RunWriter:
 
     Args:
         path: the run file (its directory must exist).
-        config: the run's settings, stored as JSON (DESIGN.md §4 lists the expected keys).
+        config: the run's settings, stored as JSON (docs/design.md §5 lists the keys record writes).
         layers: ``{index: (d_in, d_out)}`` of the recorded layers (1-based indices), e.g.
             :attr:`fisherlab.probe.FisherProbe.layer_shapes`.
         force: overwrite an existing file.
-        compression: a key of :data:`COMPRESSIONS`: ``"lz4"`` (default), ``"zstd"``,
-            ``"gzip"`` (the one plain HDF5 tools read without plugins), ``"lzf"`` or
-            ``"none"`` (see the module docstring).
+        compression: a key of :data:`COMPRESSIONS`: ``"lzf"`` (default; read by h5py
+            without plugins), ``"gzip"`` (read by every HDF5 tool without plugins),
+            ``"lz4"`` or ``"zstd"`` (need ``hdf5plugin``), or ``"none"`` (see the module
+            docstring).
         resume: continue an existing file (its config and layers must equal these); its
             incomplete steps are deleted and :attr:`last_step` tells where it stopped. A
             missing file is created.
@@ -223,6 +238,7 @@ class RunWriter:
         if compression not in COMPRESSIONS:
             raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
         self._filters = COMPRESSIONS[compression]
+        self.compression = compression
         if force and resume:
             raise UserInputError("choose one of force (overwrite) and resume (continue)")
         self.path = Path(path)
@@ -259,6 +275,7 @@ class RunWriter:
                     "config": self._config_json,
                     "torch_version": str(torch.__version__),
                     "finished": False,
+                    **_compression_attrs({self.compression}),
                 }
             )
             for i, (d_in, d_out) in self.layers.items():
@@ -287,7 +304,7 @@ class RunWriter:
                     del f["steps"][name]
             steps = _completed_steps(f)
             self.last_step = steps[-1] if steps else None
-            f.attrs["finished"] = False
+            f.attrs.update({"finished": False, **_compression_attrs(_compressions_in(f["steps"]) | {self.compression})})
             f.flush()
         except BaseException:
             f.close()

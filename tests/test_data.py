@@ -28,7 +28,7 @@ def _no_user_environment(monkeypatch):
 @pytest.fixture(scope="module")
 def olivetti():
     if not OLIVETTI.is_file():
-        pytest.skip("../shared/data/olivettifaces.mat absent")
+        pytest.skip("the Olivetti faces file is absent")
     return faces.olivetti_from_columns(scipy.io.loadmat(OLIVETTI)["faces"].T)
 
 
@@ -173,7 +173,7 @@ def test_faces_load_from_olivetti_in_data_dir(tmp_path, olivetti):
 
 def test_faces_olivetti_from_environment(tmp_path, monkeypatch):
     if not OLIVETTI.is_file():
-        pytest.skip("../shared/data/olivettifaces.mat absent")
+        pytest.skip("the Olivetti faces file is absent")
     monkeypatch.setattr(faces, "_shared_candidates", lambda: [])
     monkeypatch.setenv("FISHERLAB_OLIVETTI", str(OLIVETTI))
     images, source = faces.load_olivetti(None)

@@ -20,6 +20,7 @@ from fisherlab import store
 from fisherlab.errors import StoreFormatError, UserInputError
 from fisherlab.kron import BlockStats
 from fisherlab.store import (
+    COMPRESSION_NEEDS_PLUGIN,
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     FORMAT,
@@ -343,7 +344,7 @@ def test_default_compression_shrinks_relu_like_statistics(tmp_path):
 
 
 def _write_old_gzip_file(path) -> None:
-    """A run file as fisherlab wrote it before the default became lz4: gzip 4, h5py's own chunks."""
+    """A run file as fisherlab's first versions wrote it: gzip 4, h5py's own chunks, no compression attribute."""
     with h5py.File(path, "w") as f:
         f.attrs.update(
             {"format": FORMAT, "format_version": FORMAT_VERSION, "fisherlab_version": "0.1.0",
@@ -388,12 +389,56 @@ _PLAIN_READ = textwrap.dedent(
 )
 
 
+def _plain_read(path) -> subprocess.CompletedProcess:
+    """Read a dataset of ``path`` in a fresh interpreter that imports only h5py."""
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
+    return subprocess.run(
+        [sys.executable, "-c", _PLAIN_READ, str(path)], capture_output=True, text=True, env=env, check=False
+    )
+
+
 def test_gzip_files_need_no_plugin(tmp_path):
     path = tmp_path / "run.h5"
     _write(path, steps=(0,), compression="gzip")
-    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PLAIN_READ, str(path)], capture_output=True, text=True, env=env, check=False
-    )
+    done = _plain_read(path)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) == pytest.approx(float(_stats(0)[2].g.sum()), rel=1e-5)
+
+
+def test_default_compression_compresses_and_reads_with_plain_h5py(tmp_path):
+    path = tmp_path / "run.h5"
+    _write(path, steps=(0,))  # the default compression, as `fisherlab record` writes
+    with h5py.File(path) as f:
+        assert f.attrs["compression"] == DEFAULT_COMPRESSION and not f.attrs["compression_needs_plugin"]
+        assert _filter_ids(f["steps/00000000/layer2/g"]) == _FILTER_IDS[DEFAULT_COMPRESSION] != []
+    done = _plain_read(path)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(float(_stats(0)[2].g.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("compression", list(COMPRESSIONS))
+def test_compression_attributes_say_whether_plain_h5py_reads_the_file(tmp_path, compression):
+    path = tmp_path / "run.h5"
+    _write(path, steps=(0,), compression=compression)
+    with RunReader(path) as reader:
+        assert reader.attrs["compression"] == compression
+        assert reader.attrs["compression_needs_plugin"] is COMPRESSION_NEEDS_PLUGIN[compression]
+    done = _plain_read(path)
+    assert (done.returncode == 0) is not COMPRESSION_NEEDS_PLUGIN[compression], done.stderr
+
+
+def test_resume_with_another_compression_names_every_filter_in_the_file(tmp_path):
+    path = tmp_path / "old.h5"
+    _write_old_gzip_file(path)  # written before the attributes existed
+    with RunWriter(path, CONFIG, LAYERS, resume=True, compression="lz4") as writer:
+        writer.write_step(10, 2, 0.1, _stats(10))
+    with RunReader(path) as reader:
+        assert reader.attrs["compression"] == "gzip,lz4" and reader.attrs["compression_needs_plugin"] is True
+        assert torch.equal(reader.stats(0, 1).a, _stats(0)[1].a.double())
+        assert torch.equal(reader.stats(10, 1).a, _stats(10)[1].a.double())
+    path = tmp_path / "new.h5"
+    _write(path, steps=(0,), compression="gzip")
+    with RunWriter(path, CONFIG, LAYERS, resume=True, compression="gzip") as writer:
+        writer.write_step(5, 1, 0.1, _stats(5))
+    with RunReader(path) as reader:
+        assert reader.attrs["compression"] == "gzip" and reader.attrs["compression_needs_plugin"] is False

@@ -62,9 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_COMPRESSION,
         choices=list(COMPRESSIONS),
         help=(
-            "HDF5 compression: lz4 (fastest compressed; about 1.2x gzip's size), zstd (gzip's size, about 4x faster "
-            "than gzip), both via the hdf5plugin package, which other HDF5 tools then need too; gzip (slowest, "
-            "read by any HDF5 tool without plugins); lzf (h5py only); none (default: %(default)s)"
+            "HDF5 compression: lzf (read by plain h5py without plugins), gzip (read by every HDF5 tool; "
+            "slowest), lz4 (a little faster than lzf) or zstd (as small as gzip), both needing the hdf5plugin "
+            "package in every reader, or none (default: %(default)s)"
         ),
     )
     parser.add_argument("--data-dir", help="directory with the original data files (default: $FISHERLAB_DATA_DIR)")

@@ -2,7 +2,7 @@
 
 The original file (variable ``newfaces_single``, 625 × 165,600, each column a
 column-major 25×25 image) is used when it is in the data directory. Otherwise the set
-is regenerated from the 400 Olivetti faces (../shared/DATA.md; Hinton & Salakhutdinov
+is regenerated from the 400 Olivetti faces (docs/data.md §4; Hinton & Salakhutdinov
 2006): every original gives one image per (angle, scale) of a grid, by magnifying by
 ``s``, rotating about the centre by ``θ`` (counter-clockwise as displayed), cropping the
 central ``crop × crop`` window and sampling it on a ``size × size`` grid of pixel centres
@@ -55,7 +55,7 @@ TEST_PERSONS = 10  # persons 31-40
 
 @dataclass(frozen=True)
 class FacesParams:
-    """Every free parameter of the FACES regeneration (defaults: DATA.md's grid).
+    """Every free parameter of the FACES regeneration (defaults: the grid of docs/data.md §4).
 
     Attributes:
         angles: Rotation angles in degrees, counter-clockwise (46 values, −90 to 90).
@@ -174,8 +174,8 @@ def _sklearn_cache() -> Path:
 def load_olivetti(directory: Path | None) -> tuple[np.ndarray, str]:
     """The 400 upright Olivetti faces, uint8 ``(400, 64, 64)``, and where they came from.
 
-    Looks in the data directory, ``$FISHERLAB_OLIVETTI``, ``../shared/data/`` next to the
-    repository or the working directory, then scikit-learn's cache (needs joblib).
+    Looks in the data directory, ``$FISHERLAB_OLIVETTI``, a ``shared/data/`` folder beside the
+    repository or the working directory, then scikit-learn's cache (needs joblib); docs/data.md §4.
 
     Raises:
         DataNotFoundError: If none is found.

@@ -1,7 +1,7 @@
 """A moving average of the block itself, ``ρ F̂_prev + (1 − ρ) F``, for the matrix-free fitters.
 
 The paper averages each Kronecker factor over time, which is not the best Kronecker
-approximation of the averaged block (DESIGN.md §5). The alternative is to fit the
+approximation of the averaged block (docs/design.md §3.6). The alternative is to fit the
 approximation to the running estimate of the block,
 
 .. math::

@@ -18,10 +18,9 @@ orthogonalized against the whole basis (once, and a second time when that remove
 of a vector: classical Gram–Schmidt twice is enough), so no Ritz value is repeated. The
 eigenvalues of the block-tridiagonal ``T`` (``A_j`` on the diagonal, ``L_j`` beside it) are the
 Ritz values. Fitted Kronecker sums need a Krylov dimension of about ``2.2 k`` for the top
-``k = N`` to the accuracy of Error 2 (MNIST layer 5: 1,152 products for k = 512, and the
-orthogonalization is matrix–matrix work), where Chebyshev-filtered subspace iteration needed
-about 6,500 products and a Rayleigh–Ritz step per sweep on a block of 1.2 k vectors (2.9 s
-against 7.6 s; FACES, k = 1,024: 20 s against 60 s). A rank-deficient new block (an invariant
+``k = N`` to the accuracy of Error 2, and the orthogonalization is matrix–matrix work, so this
+takes far fewer products than a filtered subspace iteration (benchmarks/results/eigensolvers.md).
+A rank-deficient new block (an invariant
 subspace was found) is completed with random directions orthogonal to the basis, which keeps
 ``T`` block tridiagonal; at dimension ``p`` the Ritz values are the eigenvalues.
 
@@ -41,10 +40,10 @@ rounding floor ``100 ε ‖F̂‖₂``. The space grows until
 eigenvector orthogonal to the start block is missed, is met by random start vectors), or until
 every residual is below the rounding floor. With unit weights this bounds the
 total eigenvalue error relative to ``Σ|θ_i|``; Error 2 passes ``w = λ(F)``, whose decay means the
-eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on
-(each test is one eigendecomposition of ``T``, 40 % of the time with tests at every tenth of the
-dimension), the next test where the logarithm of the weighted error, extrapolated from the last
-two tests, meets the budget (MNIST layer 5, recorded step: 5.3 s against 6.5 s).
+eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on,
+the next test where the logarithm of the weighted error, extrapolated from the last two tests,
+meets the budget: each test is an eigendecomposition of ``T``, too costly to run at a fixed
+interval.
 
 Pure torch: any device, float32 or float64.
 
@@ -66,7 +65,7 @@ import torch
 from torch import Tensor
 
 #: Vectors per Lanczos block: large enough for matrix–matrix products, small enough that the
-#: Krylov dimension does not overshoot (MNIST layer 5: 32 needs dimension 1,152, 64 needs 1,408).
+#: Krylov dimension does not overshoot the one convergence needs.
 BLOCK = 32
 
 
@@ -192,13 +191,13 @@ def kron_top_eigenvalues(
 
 
 def _wide_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``x = U Σ Vᵀ`` of a wide block (b × p, b ≤ p), without LAPACK's SVD of it
-    (0.9 s at 32 × 125,500, one thread; a QR factorization of ``xᵀ`` takes 0.22 s).
+    """Thin SVD ``x = U Σ Vᵀ`` of a wide block (b × p, b ≤ p), without LAPACK's SVD of it,
+    which is several times slower than even a QR factorization of ``xᵀ`` at these shapes.
 
     Where ``κ(x) < 10⁴`` (every block but those at an invariant subspace), two passes through
     the Gram matrix: ``x xᵀ = W Λ Wᵀ`` gives rows ``Y = Λ^{-1/2} Wᵀ x`` orthonormal to
     ``ε κ²``, a second pass on ``Y Yᵀ`` makes them orthonormal to rounding, and the SVD of the
-    b × b ``M`` with ``x = M Y`` finishes (0.05 s). Otherwise ``xᵀ = Q R`` and the SVD of
+    b × b ``M`` with ``x = M Y`` finishes. Otherwise ``xᵀ = Q R`` and the SVD of
     ``Rᵀ``: backward stable, so the singular values that decide the block's rank are exact to
     rounding.
     """

@@ -119,16 +119,16 @@ class KronSum:
 
         One term: the exact products ``α_i γ_k``. Several terms: the sum is first restricted
         to the joint ranges of its factors (:meth:`compressed`; the other eigenvalues are
-        zero), then, by measurement (2 cores, one thread, MNIST layer 5 sizes):
+        zero), then solved by whichever solver is fastest at that size (the thresholds were
+        measured; benchmarks/results/eigensolvers.md):
 
-        - a dense eigvalsh up to :data:`DENSE_EIG_LIMIT` (below that the iterative solvers do
-          not win: CURVES layer 5, p = 900 after restriction, k = 256), or when the Krylov
-          space would exceed :data:`ITERATIVE_MAX_FRACTION` of the size;
+        - a dense eigvalsh up to :data:`DENSE_EIG_LIMIT` (below it the iterative solvers do
+          not win), or when the Krylov space would exceed :data:`ITERATIVE_MAX_FRACTION` of
+          the size;
         - ARPACK's implicitly restarted Lanczos (:func:`~fisherlab.kron.eigensolvers.top_eigenvalues`)
           for ``k <`` :data:`ARPACK_MAX_K` on the CPU;
         - otherwise block Lanczos with full reorthogonalization in the eigenbasis of the first
-          term (:func:`~fisherlab.kron.eigensolvers.kron_top_eigenvalues`; MNIST layer 5,
-          k = 512: 2.9 s against 42 s for a dense eigvalsh), pure torch, any device.
+          term (:func:`~fisherlab.kron.eigensolvers.kron_top_eigenvalues`), pure torch, any device.
 
         "Largest" is algebraic, so indefinite sums are handled. Accuracy: ``Σ w_i |θ_i − μ_i| ≤
         tol Σ w_i |θ_i|`` for the returned ``θ`` (``w`` = ``weights``, default all ones; ARPACK

@@ -1,6 +1,6 @@
 """Orderings of a layer's Fisher block: the one place where indices are permuted.
 
-fisherlab's convention (DESIGN.md §2): ``W = [bias | weight]`` of shape ``(n, m)`` with
+fisherlab's convention (docs/design.md §2): ``W = [bias | weight]`` of shape ``(n, m)`` with
 ``n = d_out`` and ``m = d_in + 1``; ``vec`` stacks columns, so ``vec(∇W) = ā ⊗ g`` and a
 Kronecker term reads ``A ⊗ G`` with ``(A ⊗ G) vec(X) = vec(G X Aᵀ)``.
 

@@ -79,8 +79,8 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
 
     It gives ``M⁻¹`` for one term and ``W = L⁻ᵀ``, the whitener of the §3.4 solve (``W Wᵀ = M⁻¹``,
     ``Wᵀ M W = I``; ``M^{-1/2}`` up to a rotation, which the eigenvectors of the whitened
-    correction absorb). Cholesky costs a tenth of the eigendecomposition an inverse square
-    root needs, and fails exactly when the damped factor is not numerically positive
+    correction absorb). Cholesky costs far less than the eigendecomposition an inverse
+    square root needs, and fails exactly when the damped factor is not numerically positive
     definite. It reads only the lower triangle, so ``M`` needs no symmetrization. The factor
     is returned in float64 when the retry was needed.
     """
@@ -96,9 +96,9 @@ def generalized_eigh(matrix: Tensor, damped: Tensor, what: str) -> tuple[Tensor,
     """``S`` and ``P`` with ``M P = A P S``, ``Pᵀ A P = I`` for a damped factor ``A``, in ``M``'s dtype.
 
     On the CPU this is LAPACK's ``sygvd`` through SciPy (Cholesky factor, whitening,
-    eigendecomposition and back-transformation in one call): 35 to 45 % faster than
-    :func:`_cholesky` with the three triangular solves and ``eigh`` of :func:`_whitened_eigh`
-    at 500 ≤ m ≤ 1000, one thread. Elsewhere (CUDA) it is those. Both read only the lower
+    eigendecomposition and back-transformation in one call), faster than :func:`_cholesky`
+    with the three triangular solves and ``eigh`` of :func:`_whitened_eigh`. Elsewhere (CUDA)
+    it is those. Both read only the lower
     triangles and retry in float64 when LAPACK fails.
 
     Raises:
@@ -137,8 +137,8 @@ class DampedInverse:
 
     - factored (two terms, or ``scheme="exact"``): ``X ↦ P₂ [(P₂ᵀ V P₁) / D] P₁ᵀ``;
     - Kronecker (one π-damped term, or a dropped correction): ``X ↦ G_λ⁻¹ V A_λ⁻¹``, the two
-      inverses from their Cholesky factors (LAPACK ``potri``: a fifth of the time of a
-      triangular inverse and its product with itself at m = 1000).
+      inverses from their Cholesky factors (LAPACK ``potri``, faster than a triangular
+      inverse and its product with itself).
 
     Attributes:
         left: ``P₂`` (n × n), gradient side; ``G_λ⁻¹`` in the Kronecker form.

@@ -30,7 +30,7 @@ from fisherlab.plots import style
 if TYPE_CHECKING:
     from fisherlab.analysis import Results
 
-#: The two errors of DESIGN.md §2: column of the results table → (name, kind, formula).
+#: The two errors of docs/design.md §2.4: column of the results table → (name, kind, formula).
 ERRORS = {
     "error1": ("Error 1", "relative Frobenius", "‖F − F̂‖$_F$ / ‖F‖$_F$"),
     "error2": ("Error 2", "relative spectral ℓ2", "‖λ(F) − λ(F̂)‖$_2$ / ‖λ(F)‖$_2$"),
