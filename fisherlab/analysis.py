@@ -27,14 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherlab.errors import UserInputError
-from fisherlab.kron import DEFAULT_RANK, METHODS, ExactReference, FitResult, fit
+from fisherlab.kron import DEFAULT_RANK, METHODS, ExactReference, FitResult, fit, kronecker_svd
 from fisherlab.kron.fitters import options_of
 from fisherlab.store import RunReader
 
 #: Methods of the paper, in its order, then the exact Kronecker SVD.
-DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "gram_svd")
+DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kronecker_svd")
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
+#: Names that run files and tables written before a rename still use, and the current ones.
+FORMER_NAMES = {"gram_svd": "kronecker_svd"}
 #: Columns of ``errors.csv`` (DESIGN.md §4 plus diagnostics).
 COLUMNS = (
     "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
@@ -135,15 +137,19 @@ class _Analysis:
                 bar.update()
         bar.close()
 
+    def _done(self, step: int, layer: int, method: str) -> bool:
+        names = [method, *(old for old, new in FORMER_NAMES.items() if new == method)]
+        return any(self.reader.analysis_done(step, layer, name) for name in names)
+
     def _block(self, step: int, layer: int, previous: dict) -> None:
-        todo = [m for m in self.methods if not self.reader.analysis_done(step, layer, m)]
+        todo = [m for m in self.methods if not self._done(step, layer, m)]
         need_exact = not self.reader.analysis_done(step, layer, EXACT)
         if not todo and not need_exact:
             return
         stats = self.reader.stats(step, layer, self.dtype, self.device)
         ref = ExactReference(stats)
         if need_exact:
-            profile = stats.kronecker_svd(rank=0).singular_values
+            profile = kronecker_svd(stats, rank=0).singular_values
             self.reader.write_analysis(
                 step, layer, EXACT,
                 {"eigenvalues": ref.eigenvalues, "kron_singular_values": profile},
@@ -165,7 +171,7 @@ class _Analysis:
                     "error1": e1, "error2": spectral.value, "error2_halfwidth": spectral.halfwidth,
                     "seconds": info.seconds, "iterations": info.iterations,
                     "residual": info.residual, "converged": bool(info.converged), "rank": result.op.rank,
-                    "warm_started": init is not None and method not in ("kfac", "gram_svd"),
+                    "warm_started": init is not None and method not in ("kfac", "kronecker_svd"),
                     "error_seconds": time.perf_counter() - start,
                 },
             )
@@ -183,16 +189,62 @@ def write_table(reader: RunReader, path: Path) -> Path:
     return path
 
 
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """The rows of an ``errors.csv``, typed as :func:`results_table` gives them.
+
+    Methods stored under a former name (:data:`FORMER_NAMES`) read under the current one.
+
+    Raises:
+        UserInputError: the file is missing or is not an errors table.
+    """
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise UserInputError(f"no such errors table: {path}") from None
+    if rows and not {"step", "layer", "method"} <= set(rows[0]):
+        raise UserInputError(f"{path} is not an errors table (it has no step, layer and method columns)")
+    return [{k: _parse_cell(k, v) for k, v in row.items()} for row in rows]
+
+
+def _parse_cell(column: str, text: str):
+    if column == "method":
+        return FORMER_NAMES.get(text, text)
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _analysis_methods(reader: RunReader) -> dict[tuple[int, int, str], str]:
+    """``{(step, layer, current name): stored name}`` of every result but :data:`EXACT`.
+
+    A result stored under a former name (:data:`FORMER_NAMES`) reads under the current one;
+    where a file holds both, the current one wins.
+    """
+    stored = {}
+    for step, layer, method in reader.analysis_keys():
+        if method != EXACT:
+            key = (step, layer, FORMER_NAMES.get(method, method))
+            if key not in stored or method == key[2]:
+                stored[key] = method
+    return stored
+
+
 def results_table(reader: RunReader) -> list[dict]:
     """One dict per (step, layer, method) result, with the columns of :data:`COLUMNS`."""
     rows = []
     epochs = {}
-    for step, layer, method in reader.analysis_keys():
-        if method == EXACT:
-            continue
+    for (step, layer, method), stored in _analysis_methods(reader).items():
         if step not in epochs:
             epochs[step] = reader.step_attrs(step)["epoch"]
-        _, attrs = reader.read_analysis(step, layer, method)
+        _, attrs = reader.read_analysis(step, layer, stored)
         rows.append({"step": step, "epoch": epochs[step], "layer": layer, "method": method} | {
             k: attrs[k] for k in COLUMNS if k in attrs
         })
@@ -229,10 +281,11 @@ class Results:
     def spectra(self, step: int, layer: int) -> dict[str, np.ndarray]:
         """Top eigenvalues of F (key :data:`EXACT`) and of each approximation at one step."""
         with RunReader(self.path) as reader:
-            keys = [k for k in reader.analysis_keys() if k[:2] == (step, layer)]
-            if not keys:
+            if not reader.analysis_done(step, layer, EXACT):
                 raise UserInputError(f"no analysis of step {step}, layer {layer} in {self.path}")
-            return {method: reader.read_analysis(step, layer, method)[0]["eigenvalues"] for _, _, method in keys}
+            names = {EXACT: EXACT} | {m: stored for (s, l, m), stored in _analysis_methods(reader).items()
+                                      if (s, l) == (step, layer)}
+            return {method: reader.read_analysis(step, layer, stored)[0]["eigenvalues"] for method, stored in names.items()}
 
     def profiles(self, layer: int) -> tuple[list[int], list[np.ndarray]]:
         """The Kronecker singular-value profile of layer ``layer``'s block at every step."""

@@ -12,7 +12,7 @@ from fisherlab.kron.metrics import (
     error2,
 )
 from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import KroneckerSVD
+from fisherlab.kron.rearranged import KroneckerSVD, kronecker_svd
 from fisherlab.kron.stats import BlockStats, BlockTooLargeError
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "error1",
     "error2",
     "fit",
+    "kronecker_svd",
 ]

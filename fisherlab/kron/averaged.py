@@ -11,7 +11,7 @@ approximation to the running estimate of the block,
 where ``F̂_{k-1} = Σ_j A_j ⊗ G_j`` is the previous approximation (a few terms) and ``F_k`` the
 current mini-batch block. Both products with ``Z(F̃_k)`` stay matrix-free, so
 :class:`AveragedBlock` can be handed to :func:`fisherlab.kron.fit` in place of a
-:class:`~fisherlab.kron.BlockStats`, every method ``gram_svd`` included (``Z(F̃)`` factors through
+:class:`~fisherlab.kron.BlockStats`, every method ``kronecker_svd`` included (``Z(F̃)`` factors through
 the batch's samples and the previous factors, :mod:`fisherlab.kron.rearranged`).
 """
 

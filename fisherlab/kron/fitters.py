@@ -41,7 +41,7 @@ class FitInfo:
         converged: whether the tolerance was met.
         seconds: wall-clock time of the fit.
         singular_values: Kronecker singular values ``σ_k`` of the fitted terms (for
-            ``gram_svd``: the whole profile).
+            ``kronecker_svd``: the whole profile).
     """
 
     method: str
@@ -65,7 +65,7 @@ class FitResult:
 Fitter = Callable[..., FitResult]
 METHODS: dict[str, Fitter] = {}
 #: Number of Kronecker terms each method returns by default (the paper's choices).
-DEFAULT_RANK = {"kfac": 1, "kpsvd": 1, "deflation": 2, "lanczos": 2, "kfac_corrected": 2, "gram_svd": 2}
+DEFAULT_RANK = {"kfac": 1, "kpsvd": 1, "deflation": 2, "lanczos": 2, "kfac_corrected": 2, "kronecker_svd": 2}
 
 
 def register(name: str) -> Callable[[Fitter], Fitter]:
@@ -261,8 +261,8 @@ def fit_kfac_corrected(
     return FitResult(kfac + corr.op, info, corr.warm)
 
 
-@register("gram_svd")
-def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
+@register("kronecker_svd")
+def fit_kronecker_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
     """Exact Kronecker SVD of rank ``rank`` from the N × N Gram matrices (no iteration).
 
     See :func:`~fisherlab.kron.rearranged.kronecker_svd`; ``singular_values`` holds the
@@ -271,5 +271,5 @@ def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None
     svd = kronecker_svd(stats, rank)
     r = svd.act.shape[0]
     t = Triplets(svd.singular_values[:r], svd.act, svd.grad, 0, 0.0, True)
-    info = FitInfo("gram_svd", r, singular_values=svd.singular_values)
+    info = FitInfo("kronecker_svd", r, singular_values=svd.singular_values)
     return FitResult(_psd_first(_terms(t)), info, svd.grad)

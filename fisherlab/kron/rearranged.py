@@ -317,8 +317,10 @@ def rearranged(block) -> Rearranged | GramRearranged:
 def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
     """Exact Kronecker SVD of ``block`` from the SVD of the core ``C`` (no iteration, any size).
 
-    ``C = X Σ Yᵀ`` gives ``R_k = P_a x_k = Σ_n c_{kn} a_n a_nᵀ (+ extra terms)``: the factors
-    are re-weighted KFAC factors.
+    The method ``kronecker_svd`` of :func:`fisherlab.kron.fit` is this decomposition cut to
+    its rank. ``Z = P_a C P_gᵀ`` with orthonormal ``P_a``, ``P_g``, so ``C = X Σ Yᵀ`` gives
+    the singular values of ``Z`` and ``R_k = P_a x_k = Σ_n c_{kn} a_n a_nᵀ (+ extra terms)``:
+    the factors are re-weighted KFAC factors.
 
     Args:
         rank: number of leading terms whose factors are returned (default: all).

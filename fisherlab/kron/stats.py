@@ -23,9 +23,7 @@ from torch import Tensor
 from fisherlab.errors import UserInputError
 from fisherlab.kron.rearranged import (
     GramRearranged,
-    KroneckerSVD,
     ZFactors,
-    kronecker_svd,
     quadratic,
     weighted_outer,
 )
@@ -177,17 +175,3 @@ class BlockStats:
     def z_coordinates(self) -> GramRearranged:
         """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
         return GramRearranged.of(self)
-
-    def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
-        """Exact Kronecker SVD of F from the two N × N Gram matrices (no iteration, any layer size).
-
-        With ``U = [vec(a_n a_nᵀ)]`` and ``T_a`` such that ``T_aᵀ (a aᵀ)∘² T_a = I`` (likewise V),
-        ``P_a = U T_a`` is orthonormal and ``Z(F) = P_a M P_gᵀ`` with
-        ``M = (1/N) (UᵀU T_a)ᵀ (VᵀV T_g)``. The SVD ``M = X Σ Yᵀ`` gives
-        ``R_k = Σ_n c_{kn} a_n a_nᵀ`` with ``c_k = T_a x_k``: the factors are re-weighted KFAC
-        factors (:func:`fisherlab.kron.rearranged.kronecker_svd`).
-
-        Args:
-            rank: number of leading terms whose factors are returned (default: all).
-        """
-        return kronecker_svd(self, rank)

@@ -169,10 +169,10 @@ def test_kronecker_svd_of_any_block_matches_the_dense_svd(stats, kind):
         torch.testing.assert_close(ours, best, rtol=0, atol=1e-9 * float(s[0]))
 
 
-def test_gram_svd_fits_an_averaged_block():
+def test_exact_kronecker_svd_fits_an_averaged_block():
     block = _averaged(_random(3, 20, 4, 3))
     m, n = block.d_act, block.d_grad
     u, s, vt = torch.linalg.svd(_dense_z(block))
     best = sum(s[k] * torch.kron(unvec(u[:, k], m, m), unvec(vt[k], n, n)) for k in range(2))
-    ours = fit("gram_svd", block, rank=2).op.to_dense()
+    ours = fit("kronecker_svd", block, rank=2).op.to_dense()
     torch.testing.assert_close(ours, best, rtol=0, atol=1e-9 * float(s[0]))
