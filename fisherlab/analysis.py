@@ -9,8 +9,9 @@ of ``F`` and its whole Kronecker singular-value profile. Each result is written 
 finished, so a killed analysis loses only the one in progress and a rerun skips what is done.
 ``errors.csv`` is then rebuilt from the file (one row per step, layer and method).
 
-The iterative methods (kpsvd, deflation, lanczos, kfac_corrected) are warm-started from the
-previous recorded step of the same layer, as in the paper.
+The iterative methods (:attr:`fisherlab.kron.Method.warm_starts`: kpsvd, deflation, lanczos,
+kfac_corrected) are warm-started from the previous recorded step of the same layer, as in
+the paper. Methods, ranks and fit options come from the registry :data:`fisherlab.kron.METHODS`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherlab.errors import UserInputError
-from fisherlab.kron import DEFAULT_RANK, METHODS, ExactReference, FitResult, fit, kronecker_svd
-from fisherlab.kron.fitters import options_of
+from fisherlab.kron import METHODS, ExactReference, FitResult, current_name, fit, kronecker_svd
 from fisherlab.store import RunReader
 
-#: Methods of the paper, in its order, then the exact Kronecker SVD.
-DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "kronecker_svd")
+#: Every method of the registry, in its order (the paper's, then the exact Kronecker SVD).
+DEFAULT_METHODS = tuple(METHODS)
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
-#: Names that run files and tables written before a rename still use, and the current ones.
-FORMER_NAMES = {"gram_svd": "kronecker_svd"}
 #: Columns of ``errors.csv`` (DESIGN.md §4 plus diagnostics).
 COLUMNS = (
     "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
@@ -50,13 +48,11 @@ def resolve_methods(methods: Iterable[str] | None) -> list[str]:
     methods = list(DEFAULT_METHODS if methods is None else methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise UserInputError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        renamed = "".join(f" ({m} is now {current_name(m)})" for m in unknown if current_name(m) != m)
+        raise UserInputError(
+            f"unknown method {', '.join(unknown) or '(none given)'}{renamed}; choose from {', '.join(METHODS)}"
+        )
     return methods
-
-
-def _rank_for(method: str, rank: int | None) -> int:
-    # kfac and kpsvd are rank 1 by definition; --rank applies to the others.
-    return DEFAULT_RANK[method] if rank is None or method in ("kfac", "kpsvd") else rank
 
 
 def analyze(
@@ -68,7 +64,7 @@ def analyze(
     dtype: str = "float64",
     device: str = "cpu",
     warm_start: bool = True,
-    tol: float = 1e-6,
+    tol: float | None = None,
     error2_rtol: float = 0.0,
     progress: bool = True,
 ) -> Path:
@@ -83,7 +79,8 @@ def analyze(
         dtype: ``"float64"`` (default) or ``"float32"``.
         device: ``"cpu"`` or ``"cuda"``.
         warm_start: start the iterative methods from the previous step's singular vectors.
-        tol: relative residual tolerance of the power and Lanczos iterations.
+        tol: relative residual tolerance of the power and Lanczos iterations (default: the
+            methods' ``analysis_options``, 1e-6).
         error2_rtol: relative half-width allowed on Error 2 for large multi-term
             approximations (0: exact, with all ``min(N, p)`` eigenvalues of ``F̂``); the
             certified half-width is stored as ``error2_halfwidth``.
@@ -124,7 +121,7 @@ class _Analysis:
     dtype: torch.dtype
     device: str
     warm_start: bool
-    tol: float
+    tol: float | None
     error2_rtol: float
 
     def run(self, steps: list[int], layers: list[int], progress: bool) -> None:
@@ -138,7 +135,7 @@ class _Analysis:
         bar.close()
 
     def _done(self, step: int, layer: int, method: str) -> bool:
-        names = [method, *(old for old, new in FORMER_NAMES.items() if new == method)]
+        names = [method, *METHODS[method].former_names]
         return any(self.reader.analysis_done(step, layer, name) for name in names)
 
     def _block(self, step: int, layer: int, previous: dict) -> None:
@@ -157,8 +154,11 @@ class _Analysis:
             )
         for method in todo:
             init = previous.get((layer, method)) if self.warm_start else None
-            options = {"tol": self.tol} if "tol" in options_of(method) else {}
-            result = fit(method, stats, rank=_rank_for(method, self.rank), init=init, **options)
+            record = METHODS[method]
+            options = dict(record.analysis_options)
+            if self.tol is not None and "tol" in options:
+                options["tol"] = self.tol
+            result = fit(method, stats, rank=record.rank_for(self.rank), init=init, **options)
             previous[(layer, method)] = result
             start = time.perf_counter()
             e1 = ref.error1(result.op)
@@ -171,7 +171,7 @@ class _Analysis:
                     "error1": e1, "error2": spectral.value, "error2_halfwidth": spectral.halfwidth,
                     "seconds": info.seconds, "iterations": info.iterations,
                     "residual": info.residual, "converged": bool(info.converged), "rank": result.op.rank,
-                    "warm_started": init is not None and method not in ("kfac", "kronecker_svd"),
+                    "warm_started": init is not None and record.warm_starts,
                     "error_seconds": time.perf_counter() - start,
                 },
             )
@@ -192,7 +192,8 @@ def write_table(reader: RunReader, path: Path) -> Path:
 def read_table(path: str | os.PathLike) -> list[dict]:
     """The rows of an ``errors.csv``, typed as :func:`results_table` gives them.
 
-    Methods stored under a former name (:data:`FORMER_NAMES`) read under the current one.
+    Methods stored under a former name (:attr:`fisherlab.kron.Method.former_names`) read
+    under the current one.
 
     Raises:
         UserInputError: the file is missing or is not an errors table.
@@ -209,7 +210,7 @@ def read_table(path: str | os.PathLike) -> list[dict]:
 
 def _parse_cell(column: str, text: str):
     if column == "method":
-        return FORMER_NAMES.get(text, text)
+        return current_name(text)
     if text == "":
         return None
     if text in ("True", "False"):
@@ -225,13 +226,13 @@ def _parse_cell(column: str, text: str):
 def _analysis_methods(reader: RunReader) -> dict[tuple[int, int, str], str]:
     """``{(step, layer, current name): stored name}`` of every result but :data:`EXACT`.
 
-    A result stored under a former name (:data:`FORMER_NAMES`) reads under the current one;
-    where a file holds both, the current one wins.
+    A result stored under a former name (:attr:`fisherlab.kron.Method.former_names`) reads
+    under the current one; where a file holds both, the current one wins.
     """
     stored = {}
     for step, layer, method in reader.analysis_keys():
         if method != EXACT:
-            key = (step, layer, FORMER_NAMES.get(method, method))
+            key = (step, layer, current_name(method))
             if key not in stored or method == key[2]:
                 stored[key] = method
     return stored

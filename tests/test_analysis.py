@@ -142,3 +142,9 @@ def test_cli_analyze_and_bad_input(run_file, tmp_path, capsys):
     foreign = tmp_path / "foreign.h5"
     foreign.write_text("not hdf5")
     assert main(["analyze", str(foreign)]) == 2
+
+
+def test_cli_names_the_new_name_of_gram_svd(run_file, capsys):
+    assert main(["analyze", str(run_file), "--methods", "gram_svd", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gram_svd is now kronecker_svd" in err

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-#: Display names of the approximations and optimizers.
-LABELS = {
-    "kfac": "KFAC",
-    "kpsvd": "KPSVD",
-    "deflation": "Deflation",
-    "lanczos": "Lanczos",
-    "kfac_corrected": "KFAC-corrected",
-    "kronecker_svd": "Kronecker SVD (exact)",
-    "sgd": "SGD",
-    "adam": "Adam",
-    "fisher": "exact F",
-}
+from fisherlab.kron.methods import METHODS
+
+#: Display names of the approximations (from the registry) and of the other optimizers.
+LABELS = {name: method.label for name, method in METHODS.items()} | {"sgd": "SGD", "adam": "Adam", "fisher": "exact F"}
 
 #: Colour-blind-safe palette (Okabe–Ito), fixed per name.
 COLORS = {

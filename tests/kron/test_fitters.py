@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
-from fisherlab.kron.fitters import options_of
 from fisherlab.kron.layout import rearrange, unvec, vec
 
 from tests.conftest import CASES, _random, cuda
@@ -11,9 +10,9 @@ TIGHT = 1e-12
 
 
 def _fit(method, stats, rank=None, **opts):
-    if "tol" in options_of(method):
+    if "tol" in METHODS[method].options:
         opts.setdefault("tol", TIGHT)
-    if "max_iter" in options_of(method):
+    if "max_iter" in METHODS[method].options:
         opts.setdefault("max_iter", 5000)
     return fit(method, stats, rank=rank, **opts)
 
