@@ -166,7 +166,7 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
     Table.row(tag, "form F (to_dense)", t_form, None)
 
     def free_spec():
-        fresh = BlockStats(stats.a, stats.g)  # no cached Gram matrices
+        fresh = BlockStats(stats.a, stats.g)  # no cached inner products
         return fresh.frobenius_norm(), fresh.eigenvalues()
 
     t_free_spec, _ = timeit(free_spec, max(repeat, 5))
@@ -183,7 +183,7 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
 
     t_dsvd, _ = timeit(lambda: torch.linalg.svd(rearrange(dense_f, m, nn), full_matrices=False), repeat)
     t_fsvd, _ = timeit(lambda: kronecker_svd(BlockStats(stats.a, stats.g), rank=2), repeat)
-    Table.row(tag, "Kronecker SVD: svd Z(F) | gram", t_dsvd, t_fsvd)
+    Table.row(tag, "Kronecker SVD: svd Z(F) | span", t_dsvd, t_fsvd)
 
     # -- the five methods -----------------------------------------------------------------
     tot_dense = t_form + t_dense_spec + t_dsvd

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import GramRearranged, ZFactors, frobenius_inner, linear_combination
+from fisherlab.kron.rearranged import SpanRearranged, ZFactors, frobenius_inner, linear_combination
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,
     BlockStats,
@@ -44,7 +44,7 @@ class AveragedBlock:
             ``"running"``: ``ρ`` times ``previous``'s first term plus ``1 − ρ`` times the
             batch's KFAC factors, which is that running average when ``previous`` is a
             KFAC-corrected fit (its first term is KFAC's). Only ``kfac`` and ``kfac_corrected``
-            need a pair. A given pair costs the Gram coordinates one more pair of extra
+            need a pair. A given pair costs the span coordinates one more pair of extra
             matrices (half again the cost of a rank-2 ``previous``); ``"running"`` and None
             cost nothing, the first lying in the span already.
 
@@ -143,9 +143,9 @@ class AveragedBlock:
         return ZFactors(self.a, act, self.g, grad, diag, kfac, columns[n : n + r])
 
     @cached_property
-    def z_coordinates(self) -> GramRearranged:
-        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
-        return GramRearranged.of(self)
+    def span_rearranged(self) -> SpanRearranged:
+        """``Z`` in span coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
+        return SpanRearranged.of(self)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""

@@ -81,7 +81,7 @@ def _start(op, stats: BlockStats, init: FitResult | None, rank: int, skip: int =
     """Right start vectors, in ``op``'s form, for ``rank`` triplets (None where there are none).
 
     The block's own previous approximation (an averaged block's) comes first: it is the last
-    fit of the running block, and its coordinates are free (:meth:`GramRearranged.vectors_of`).
+    fit of the running block, and its coordinates are free (:meth:`SpanRearranged.vectors_of`).
     Then ``init``'s singular vectors; then KFAC's G, which is close to the top right singular
     vector and PSD (which power SVD keeps). ``skip`` leaves out leading previous terms
     (KFAC-corrected's KFAC term).
@@ -207,7 +207,7 @@ def fit_kfac_corrected(
 
 
 def fit_kronecker_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
-    """Exact Kronecker SVD of rank ``rank`` from the N × N Gram matrices (no iteration).
+    """Exact Kronecker SVD of rank ``rank`` in span coordinates (no iteration).
 
     See :func:`~fisherlab.kron.rearranged.kronecker_svd`; ``singular_values`` holds the
     whole Kronecker singular-value profile.

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fisherlab.errors import UserInputError
 from fisherlab.kron.rearranged import (
-    GramRearranged,
+    SpanRearranged,
     ZFactors,
     quadratic,
     weighted_outer,
@@ -90,15 +90,15 @@ class BlockStats:
         """A copy in another dtype or on another device."""
         return BlockStats(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
 
-    # -- Gram matrices -------------------------------------------------------------------
+    # -- inner products of the samples ---------------------------------------------------
     @cached_property
-    def gram_act(self) -> Tensor:
-        """``a aᵀ`` (N × N)."""
+    def act_inner_products(self) -> Tensor:
+        """``a aᵀ`` (N × N): the inner products ``a_n · a_m`` of the activation samples."""
         return self.a @ self.a.T
 
     @cached_property
-    def gram_grad(self) -> Tensor:
-        """``g gᵀ`` (N × N)."""
+    def grad_inner_products(self) -> Tensor:
+        """``g gᵀ`` (N × N): the inner products ``g_n · g_m`` of the gradient samples."""
         return self.g @ self.g.T
 
     # -- the block ------------------------------------------------------------------------
@@ -136,18 +136,18 @@ class BlockStats:
 
     def frobenius_norm(self) -> Tensor:
         """``‖F‖_F`` from ``‖F‖²_F = (1/N²) Σ_{s,t} (a_s·a_t)² (g_s·g_t)²``."""
-        return torch.linalg.matrix_norm(self.gram_act * self.gram_grad) / self.n_samples
+        return torch.linalg.matrix_norm(self.act_inner_products * self.grad_inner_products) / self.n_samples
 
-    def gram_matrix(self) -> Tensor:
+    def kernel_matrix(self) -> Tensor:
         """``K = (1/N) (a aᵀ) ∘ (g gᵀ)``: its eigenvalues are the nonzero eigenvalues of F."""
-        return self.gram_act * self.gram_grad / self.n_samples
+        return self.act_inner_products * self.grad_inner_products / self.n_samples
 
     def eigenvalues(self) -> Tensor:
         """The top ``min(N, p)`` eigenvalues of F, descending (the others are zero).
 
         F = ΦΦᵀ/N with ``Φ = [a_n ⊗ g_n]``, and ``ΦᵀΦ = (a aᵀ) ∘ (g gᵀ)``.
         """
-        eig = torch.linalg.eigvalsh(self.gram_matrix()).flip(0)
+        eig = torch.linalg.eigvalsh(self.kernel_matrix()).flip(0)
         return eig[: min(self.n_samples, self.p)]
 
     def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
@@ -172,6 +172,6 @@ class BlockStats:
                         self.g.new_zeros(0, self.d_grad, self.d_grad), weights, weights, weights.new_zeros(0, self.n_samples))
 
     @cached_property
-    def z_coordinates(self) -> GramRearranged:
-        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
-        return GramRearranged.of(self)
+    def span_rearranged(self) -> SpanRearranged:
+        """``Z`` in span coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
+        return SpanRearranged.of(self)

@@ -33,7 +33,7 @@ def test_prop_3_1_products_match_the_dense_rearrangement(stats):
     assert torch.allclose(stats.z_matvec(batch)[1], 2 * stats.z_matvec(v), rtol=1e-12)
 
 
-def test_frobenius_norm_and_spectrum_from_gram_matrices(stats):
+def test_frobenius_norm_and_spectrum_from_the_kernel_matrix(stats):
     dense = _dense(stats)
     assert torch.allclose(stats.frobenius_norm(), torch.linalg.matrix_norm(dense), rtol=1e-12)
     lam = torch.linalg.eigvalsh(dense).flip(0)
