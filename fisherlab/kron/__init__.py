@@ -3,6 +3,7 @@
 Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 and float64.
 """
 
+from fisherlab.kron.block import Block, RankOneBlock, SampleBlock
 from fisherlab.kron.fitters import FitInfo, FitResult
 from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.methods import (
@@ -26,6 +27,7 @@ from fisherlab.kron.stats import BlockStats, BlockTooLargeError
 __all__ = [
     "METHODS",
     "SOLVE_MAX_RANK",
+    "Block",
     "BlockStats",
     "BlockTooLargeError",
     "ExactReference",
@@ -34,6 +36,8 @@ __all__ = [
     "KronSum",
     "KroneckerSVD",
     "Method",
+    "RankOneBlock",
+    "SampleBlock",
     "current_name",
     "dense_error1",
     "dense_error2",

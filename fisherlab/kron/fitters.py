@@ -1,6 +1,7 @@
 """Kronecker approximations of a Fisher block, one function each (by name: :mod:`fisherlab.kron.methods`).
 
-Every fitter takes :class:`~fisherlab.kron.stats.BlockStats` and returns a :class:`FitResult`:
+Every fitter takes a :class:`~fisherlab.kron.block.Block` (all but KFAC one with the rank-one
+fast path, :class:`~fisherlab.kron.block.RankOneBlock`) and returns a :class:`FitResult`:
 the approximation as a :class:`~fisherlab.kron.kronsum.KronSum` and its diagnostics. The
 first term is symmetric positive semi-definite (Prop. 3.2 of the paper: the sign of the top
 Kronecker singular pair is chosen so, then the factors are symmetrized). Each term

@@ -1,6 +1,7 @@
 """The rearranged block ``Z(F)`` as an operator for the SVD solvers, in two exact forms.
 
-Every block the fitters see factors as ``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
+Every block the fitters see (a :class:`~fisherlab.kron.block.RankOneBlock`) factors as
+``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
 ``vec(a_n a_nᵀ)`` (and, for an averaged block, the previous approximation's factors), those
 of ``D_g`` likewise, and ``W`` is a diagonal of weights (``I/N`` for a mini-batch block,
 paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.partial_svd.power_svd`
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from fisherlab.kron.block import RankOneBlock
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,9 @@ class Rearranged:
     def __init__(self, block, act: Tensor | None = None, grad: Tensor | None = None, factors: ZFactors | None = None):
         self.block = block
         self.factors = block.rearranged_factors() if factors is None else factors
-        self.act = block.a.new_zeros(0, block.d_act, block.d_act) if act is None else act
-        self.grad = block.a.new_zeros(0, block.d_grad, block.d_grad) if grad is None else grad
+        opts = {"dtype": block.dtype, "device": block.device}
+        self.act = torch.zeros(0, block.d_act, block.d_act, **opts) if act is None else act
+        self.grad = torch.zeros(0, block.d_grad, block.d_grad, **opts) if grad is None else grad
 
     def minus(self, left: Tensor, right: Tensor) -> Rearranged:
         """This operator with the terms ``vec(L_j) vec(R_j)ᵀ`` removed too (stacked vectors)."""
@@ -300,7 +304,15 @@ class SpanRearranged:
         return torch.linalg.matrix_norm(self.core)
 
 
-def rearranged(block) -> Rearranged | SpanRearranged:
+def _require_rank_one(block, what: str) -> None:
+    if not isinstance(block, RankOneBlock):
+        raise TypeError(
+            f"{what} needs a block with rank-one samples (fisherlab.kron.block.RankOneBlock), "
+            f"got {type(block).__name__}"
+        )
+
+
+def rearranged(block: RankOneBlock) -> Rearranged | SpanRearranged:
     """``Z`` of ``block`` in the cheaper form: span coordinates if the block already holds them
     (the exact Kronecker SVD built them) or if ``N² ≤ 4 (m² + n²)``, else the direct products.
 
@@ -311,12 +323,13 @@ def rearranged(block) -> Rearranged | SpanRearranged:
     warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
     about ``N² ≈ 4 (m² + n²)`` on.
     """
+    _require_rank_one(block, "the fitters' rearranged block")
     if "span_rearranged" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
         return block.span_rearranged
     return Rearranged(block)
 
 
-def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
+def kronecker_svd(block: RankOneBlock, rank: int | None = None) -> KroneckerSVD:
     """Exact Kronecker SVD of ``block`` from the SVD of the core ``C`` (no iteration, any size).
 
     The method ``kronecker_svd`` of :func:`fisherlab.kron.fit` is this decomposition cut to
@@ -327,6 +340,7 @@ def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
+    _require_rank_one(block, "the exact Kronecker SVD")
     z = block.span_rearranged
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
