@@ -3,7 +3,7 @@
 Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 and float64.
 """
 
-from fisherlab.kron.block import Block, RankOneBlock, SampleBlock
+from fisherlab.kron.block import Block, BlockTooLargeError, RankOneBlock, SampleBlock
 from fisherlab.kron.fitters import FitInfo, FitResult
 from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.methods import (
@@ -22,7 +22,7 @@ from fisherlab.kron.metrics import (
     error2,
 )
 from fisherlab.kron.rearranged import KroneckerSVD, kronecker_svd
-from fisherlab.kron.stats import BlockStats, BlockTooLargeError
+from fisherlab.kron.stats import BlockStats
 
 __all__ = [
     "METHODS",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fisherlab.kron.eigensolvers import kron_top_eigenvalues, top_eigenvalues
 from fisherlab.kron.layout import unvec, vec
-from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
 
 #: Sums with ``p`` up to this size (after :meth:`KronSum.compressed`) get their eigenvalues
 #: from a dense eigvalsh.
