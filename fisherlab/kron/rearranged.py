@@ -1,21 +1,20 @@
 """The rearranged block ``Z(F)`` as an operator for the SVD solvers, in two exact forms.
 
 Every block the fitters see (a :class:`~fisherlab.kron.block.RankOneBlock`) factors as
-``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
-``vec(a_n a_nᵀ)`` (and, for an averaged block, the previous approximation's factors), those
-of ``D_g`` likewise, and ``W`` is a diagonal of weights (``I/N`` for a mini-batch block,
-paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.partial_svd.power_svd`
-and :func:`~fisherlab.kron.partial_svd.lanczos_svd`:
+``Z = D_a W D_gᵀ``: the columns of ``D_a`` are ``vec(a_n a_nᵀ)`` (and, for an averaged block,
+the previous approximation's factors), those of ``D_g`` likewise, and ``W`` is a diagonal of
+weights (``I/N`` for a mini-batch block, paper Prop. 3.1). Two representations of ``Z``
+serve :func:`~fisherlab.kron.partial_svd.power_svd` and
+:func:`~fisherlab.kron.partial_svd.lanczos_svd`:
 
 - :class:`Rearranged`, the matrix-free products of Prop. 3.1 on ``m × m`` and ``n × n``
   matrices, ``O(N (m² + n²))`` each;
-- :class:`SpanRearranged`, the same operator in orthonormal coordinates of
-  ``span D_a`` and ``span D_g`` (span coordinates). With the Gram matrix ``H = Dᵀ D`` of the
-  columns of ``D`` (for samples ``(a aᵀ)∘²``), any ``T`` with
-  ``Tᵀ H T = I`` gives the basis ``P = D T`` and ``Z = P_a C P_gᵀ`` with the ``K × K`` core
-  ``C = (H_a T_a)ᵀ W (H_g T_g)``. A product then costs ``O(K²)`` instead of
-  ``O(N (m² + n²))`` (MNIST layer 1: 2.6e5 against 8e8 flops), after one ``O(K³)``
-  factorization per side. The iterates are the direct ones from the first product on:
+- :class:`SpanRearranged`, the same operator in orthonormal coordinates of ``span D_a`` and
+  ``span D_g`` (span coordinates). With the Gram matrix ``H = Dᵀ D`` of the columns of ``D``
+  (for samples ``(a aᵀ)∘²``), any ``T`` with ``Tᵀ H T = I`` gives the basis ``P = D T`` and
+  ``Z = P_a C P_gᵀ`` with the ``K × K`` core ``C = (H_a T_a)ᵀ W (H_g T_g)``. A product then
+  costs ``O(K²)`` instead of ``O(N (m² + n²))`` (MNIST layer 1: 2.6e5 against 8e8 flops),
+  after one ``O(K³)`` factorization per side. The iterates are the direct ones from the first product on:
   ``Z`` annihilates the part of a start vector outside ``span D_g``.
 
 :func:`rearranged` picks the cheaper form; :func:`kronecker_svd` is the exact SVD of the
@@ -82,9 +81,9 @@ class FactorSpan:
     The basis is ``P = D T`` with ``Tᵀ H T = I``: ``basis`` holds ``T`` and ``column_coords``
     ``H T = Dᵀ P`` (row ``j``: the coordinates of column ``j`` of ``D``). Any orthonormal basis
     of the span gives the same fits (the solvers and the core's singular values are rotation
-    invariant), so ``T`` comes from a Cholesky factor
-    (:func:`_cholesky_basis`, a tenth of an eigendecomposition's cost) wherever that is
-    certified well conditioned, else from ``H = Q Λ Qᵀ`` (:func:`_eigh_basis`).
+    invariant), so ``T`` comes from a Cholesky factor (:func:`_cholesky_basis`, a tenth of an
+    eigendecomposition's cost) wherever that is certified well conditioned, else from
+    ``H = Q Λ Qᵀ`` (:func:`_eigh_basis`).
     """
 
     def __init__(self, samples: Tensor, extra: Tensor):
