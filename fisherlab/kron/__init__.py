@@ -8,7 +8,6 @@ from fisherlab.kron.fitters import FitInfo, FitResult
 from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.methods import (
     METHODS,
-    SOLVE_MAX_RANK,
     Method,
     current_name,
     fit,
@@ -26,7 +25,6 @@ from fisherlab.kron.stats import BlockStats
 
 __all__ = [
     "METHODS",
-    "SOLVE_MAX_RANK",
     "Block",
     "BlockStats",
     "BlockTooLargeError",

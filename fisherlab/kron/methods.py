@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from fisherlab.kron.block import Block
 from fisherlab.kron.fitters import (
     FitResult,
     fit_deflation,
@@ -23,9 +24,7 @@ from fisherlab.kron.fitters import (
     fit_kronecker_svd,
     fit_lanczos,
 )
-
-#: Most Kronecker terms the optimizer's damped solve inverts in closed form (paper §3.4).
-SOLVE_MAX_RANK = 2
+from fisherlab.kron.solve import MAX_TERMS
 
 
 def _frozen(options: Mapping) -> Mapping:
@@ -79,8 +78,8 @@ class Method:
         """The ranks the optimizer offers (none where it does not offer the method)."""
         if self.optimizer_options is None:
             return ()
-        allowed = range(1, SOLVE_MAX_RANK + 1) if self.ranks is None else self.ranks
-        return tuple(r for r in allowed if r <= SOLVE_MAX_RANK)
+        allowed = range(1, MAX_TERMS + 1) if self.ranks is None else self.ranks
+        return tuple(r for r in allowed if r <= MAX_TERMS)
 
     def rank_for(self, rank: int | None) -> int:
         """The rank a run-wide choice gives this method: the default where ``rank`` is None or
@@ -124,7 +123,8 @@ def validate(
         rank: number of Kronecker terms (None: the method's ``default_rank``).
         options: fit options (for the optimizer, over the method's ``optimizer_options``).
         optimizer: check for the natural-gradient optimizer, which offers only the methods
-            with ``optimizer_options`` and at most :data:`SOLVE_MAX_RANK` terms.
+            with ``optimizer_options``, with at most as many terms as its damped solve
+            inverts (:data:`fisherlab.kron.solve.MAX_TERMS`).
 
     Raises:
         ValueError: an unknown method (the message lists the valid ones), one the optimizer
@@ -157,8 +157,8 @@ def validate(
     return record, rank, options
 
 
-def fit(method: str, stats, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
-    """Fit ``method`` (a name in :data:`METHODS`) to the block ``stats`` (a :class:`~fisherlab.kron.block.Block`).
+def fit(method: str, stats: Block, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
+    """Fit ``method`` (a name in :data:`METHODS`) to the block ``stats``.
 
     Args:
         rank: number of Kronecker terms (default: the method's ``default_rank``).

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from fisherlab.analysis import DEFAULT_METHODS
-from fisherlab.kron import METHODS, SOLVE_MAX_RANK, current_name, fit, validate
+from fisherlab.kron import METHODS, current_name, fit, validate
+from fisherlab.kron.solve import MAX_TERMS
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.plots import style
 from fisherlab.problems import get_problem
@@ -23,7 +24,7 @@ def test_each_record_is_consistent_with_its_fitter(name):
     if m.optimizer_options is not None:
         assert set(m.optimizer_options) <= set(m.options)
         assert validate(name, optimizer=True)[2] == dict(m.optimizer_options)
-        assert m.optimizer_ranks and max(m.optimizer_ranks) <= SOLVE_MAX_RANK
+        assert m.optimizer_ranks and max(m.optimizer_ranks) <= MAX_TERMS
     result = fit(name, CASES["random"]())
     assert result.info.method == name and result.op.rank == m.default_rank
 
