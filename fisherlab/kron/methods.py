@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from fisherlab.kron.block import Block
@@ -56,9 +56,9 @@ class Method:
     fitter: Callable[..., FitResult]
     ranks: tuple[int, ...] | None
     default_rank: int
-    analysis_options: Mapping = field(default_factory=dict)
-    optimizer_options: Mapping | None = None
-    label: str = ""
+    analysis_options: Mapping
+    optimizer_options: Mapping | None
+    label: str
     warm_starts: bool = False
     former_names: tuple[str, ...] = ()
 
@@ -88,20 +88,23 @@ class Method:
         return self.default_rank if rank is None or fixed else rank
 
 
-_ITERATIVE = {"tol": 1e-6}
+_ANALYSIS = {"tol": 1e-6}
 _SWEEPS = {"tol": 1e-3, "max_iter": 25}
 
 #: The registry, in the paper's order, then the exact Kronecker SVD.
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
-    Method("kfac", fit_kfac, (1,), 1, {}, {}, "KFAC"),
-    Method("kpsvd", fit_kpsvd, (1,), 1, _ITERATIVE, _SWEEPS, "KPSVD", warm_starts=True),
-    Method("deflation", fit_deflation, None, 2, _ITERATIVE, _SWEEPS, "Deflation", warm_starts=True),
-    Method("lanczos", fit_lanczos, None, 2, _ITERATIVE, {"tol": 1e-3, "max_restarts": 3}, "Lanczos",
-           warm_starts=True),
-    Method("kfac_corrected", fit_kfac_corrected, None, 2, _ITERATIVE, _SWEEPS, "KFAC-corrected",
-           warm_starts=True),
-    Method("kronecker_svd", fit_kronecker_svd, None, 2, {}, None, "Kronecker SVD (exact)",
-           former_names=("gram_svd",)),
+    Method("kfac", fit_kfac, ranks=(1,), default_rank=1, analysis_options={}, optimizer_options={},
+           label="KFAC"),
+    Method("kpsvd", fit_kpsvd, ranks=(1,), default_rank=1, analysis_options=_ANALYSIS,
+           optimizer_options=_SWEEPS, label="KPSVD", warm_starts=True),
+    Method("deflation", fit_deflation, ranks=None, default_rank=2, analysis_options=_ANALYSIS,
+           optimizer_options=_SWEEPS, label="Deflation", warm_starts=True),
+    Method("lanczos", fit_lanczos, ranks=None, default_rank=2, analysis_options=_ANALYSIS,
+           optimizer_options={"tol": 1e-3, "max_restarts": 3}, label="Lanczos", warm_starts=True),
+    Method("kfac_corrected", fit_kfac_corrected, ranks=None, default_rank=2, analysis_options=_ANALYSIS,
+           optimizer_options=_SWEEPS, label="KFAC-corrected", warm_starts=True),
+    Method("kronecker_svd", fit_kronecker_svd, ranks=None, default_rank=2, analysis_options={},
+           optimizer_options=None, label="Kronecker SVD (exact)", former_names=("gram_svd",)),
 )})
 
 
