@@ -48,13 +48,11 @@ from pathlib import Path
 
 import torch
 
-from fisherlab.kron import BlockStats, ExactReference, KronSum, dense_error1, fit
-from fisherlab.kron.fitters import options_of
+from fisherlab.kron import METHODS, BlockStats, ExactReference, KronSum, dense_error1, fit
 
-METHODS5 = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
+METHODS5 = tuple(name for name, m in METHODS.items() if m.optimizer_options is not None)  # the paper's five
 MNIST = "784-1000-500-250-30-250-500-1000-784"
 RTOLS = (1e-4, 1e-2)
-FIT_TOL = 1e-6  # fisherlab.analysis.analyze's default tol
 
 
 def load_avg() -> str:
@@ -96,7 +94,7 @@ def clock() -> float:
 
 
 def fit_default(method: str, stats: BlockStats):
-    options = {"tol": FIT_TOL} if "tol" in options_of(method) else {}
+    options = dict(METHODS[method].analysis_options)
     return fit(method, stats, **options)
 
 

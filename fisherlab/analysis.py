@@ -9,8 +9,9 @@ of ``F`` and its whole Kronecker singular-value profile. Each result is written 
 finished, so a killed analysis loses only the one in progress and a rerun skips what is done.
 ``errors.csv`` is then rebuilt from the file (one row per step, layer and method).
 
-The iterative methods (kpsvd, deflation, lanczos, kfac_corrected) are warm-started from the
-previous recorded step of the same layer, as in the paper.
+The iterative methods (:attr:`fisherlab.kron.Method.warm_starts`: kpsvd, deflation, lanczos,
+kfac_corrected) are warm-started from the previous recorded step of the same layer, as in
+the paper. Methods, ranks and fit options come from the registry :data:`fisherlab.kron.METHODS`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherlab.errors import UserInputError
-from fisherlab.kron import DEFAULT_RANK, METHODS, ExactReference, FitResult, fit
-from fisherlab.kron.fitters import options_of
+from fisherlab.kron import METHODS, ExactReference, FitResult, current_name, fit, kronecker_svd
 from fisherlab.store import RunReader
 
-#: Methods of the paper, in its order, then the exact Kronecker SVD.
-DEFAULT_METHODS = ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "gram_svd")
+#: Every method of the registry, in its order (the paper's, then the exact Kronecker SVD).
+DEFAULT_METHODS = tuple(METHODS)
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
 #: Columns of ``errors.csv`` (docs/design.md §6).
@@ -48,13 +48,11 @@ def resolve_methods(methods: Iterable[str] | None) -> list[str]:
     methods = list(DEFAULT_METHODS if methods is None else methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise UserInputError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        renamed = "".join(f" ({m} is now {current_name(m)})" for m in unknown if current_name(m) != m)
+        raise UserInputError(
+            f"unknown method {', '.join(unknown) or '(none given)'}{renamed}; choose from {', '.join(METHODS)}"
+        )
     return methods
-
-
-def _rank_for(method: str, rank: int | None) -> int:
-    # kfac and kpsvd are rank 1 by definition; --rank applies to the others.
-    return DEFAULT_RANK[method] if rank is None or method in ("kfac", "kpsvd") else rank
 
 
 def analyze(
@@ -66,7 +64,7 @@ def analyze(
     dtype: str = "float64",
     device: str = "cpu",
     warm_start: bool = True,
-    tol: float = 1e-6,
+    tol: float | None = None,
     error2_rtol: float = 0.0,
     progress: bool = True,
 ) -> Path:
@@ -81,7 +79,8 @@ def analyze(
         dtype: ``"float64"`` (default) or ``"float32"``.
         device: ``"cpu"`` or ``"cuda"``.
         warm_start: start the iterative methods from the previous step's singular vectors.
-        tol: relative residual tolerance of the power and Lanczos iterations.
+        tol: relative residual tolerance of the power and Lanczos iterations (default: the
+            methods' ``analysis_options``, 1e-6).
         error2_rtol: relative half-width allowed on Error 2 for large multi-term
             approximations (0: exact, with all ``min(N, p)`` eigenvalues of ``F̂``); the
             certified half-width is stored as ``error2_halfwidth``.
@@ -122,7 +121,7 @@ class _Analysis:
     dtype: torch.dtype
     device: str
     warm_start: bool
-    tol: float
+    tol: float | None
     error2_rtol: float
 
     def run(self, steps: list[int], layers: list[int], progress: bool) -> None:
@@ -135,15 +134,19 @@ class _Analysis:
                 bar.update()
         bar.close()
 
+    def _done(self, step: int, layer: int, method: str) -> bool:
+        names = [method, *METHODS[method].former_names]
+        return any(self.reader.analysis_done(step, layer, name) for name in names)
+
     def _block(self, step: int, layer: int, previous: dict) -> None:
-        todo = [m for m in self.methods if not self.reader.analysis_done(step, layer, m)]
+        todo = [m for m in self.methods if not self._done(step, layer, m)]
         need_exact = not self.reader.analysis_done(step, layer, EXACT)
         if not todo and not need_exact:
             return
         stats = self.reader.stats(step, layer, self.dtype, self.device)
         ref = ExactReference(stats)
         if need_exact:
-            profile = stats.kronecker_svd(rank=0).singular_values
+            profile = kronecker_svd(stats, rank=0).singular_values
             self.reader.write_analysis(
                 step, layer, EXACT,
                 {"eigenvalues": ref.eigenvalues, "kron_singular_values": profile},
@@ -151,8 +154,11 @@ class _Analysis:
             )
         for method in todo:
             init = previous.get((layer, method)) if self.warm_start else None
-            options = {"tol": self.tol} if "tol" in options_of(method) else {}
-            result = fit(method, stats, rank=_rank_for(method, self.rank), init=init, **options)
+            record = METHODS[method]
+            options = dict(record.analysis_options)
+            if self.tol is not None and "tol" in options:
+                options["tol"] = self.tol
+            result = fit(method, stats, rank=record.rank_for(self.rank), init=init, **options)
             previous[(layer, method)] = result
             start = time.perf_counter()
             e1 = ref.error1(result.op)
@@ -165,7 +171,7 @@ class _Analysis:
                     "error1": e1, "error2": spectral.value, "error2_halfwidth": spectral.halfwidth,
                     "seconds": info.seconds, "iterations": info.iterations,
                     "residual": info.residual, "converged": bool(info.converged), "rank": result.op.rank,
-                    "warm_started": init is not None and method not in ("kfac", "gram_svd"),
+                    "warm_started": init is not None and record.warm_starts,
                     "error_seconds": time.perf_counter() - start,
                 },
             )
@@ -183,16 +189,63 @@ def write_table(reader: RunReader, path: Path) -> Path:
     return path
 
 
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """The rows of an ``errors.csv``, typed as :func:`results_table` gives them.
+
+    Methods stored under a former name (:attr:`fisherlab.kron.Method.former_names`) read
+    under the current one.
+
+    Raises:
+        UserInputError: the file is missing or is not an errors table.
+    """
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise UserInputError(f"no such errors table: {path}") from None
+    if rows and not {"step", "layer", "method"} <= set(rows[0]):
+        raise UserInputError(f"{path} is not an errors table (it has no step, layer and method columns)")
+    return [{k: _parse_cell(k, v) for k, v in row.items()} for row in rows]
+
+
+def _parse_cell(column: str, text: str):
+    if column == "method":
+        return current_name(text)
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _analysis_methods(reader: RunReader) -> dict[tuple[int, int, str], str]:
+    """``{(step, layer, current name): stored name}`` of every result but :data:`EXACT`.
+
+    A result stored under a former name (:attr:`fisherlab.kron.Method.former_names`) reads
+    under the current one; where a file holds both, the current one wins.
+    """
+    stored = {}
+    for step, layer, method in reader.analysis_keys():
+        if method != EXACT:
+            key = (step, layer, current_name(method))
+            if key not in stored or method == key[2]:
+                stored[key] = method
+    return stored
+
+
 def results_table(reader: RunReader) -> list[dict]:
     """One dict per (step, layer, method) result, with the columns of :data:`COLUMNS`."""
     rows = []
     epochs = {}
-    for step, layer, method in reader.analysis_keys():
-        if method == EXACT:
-            continue
+    for (step, layer, method), stored in _analysis_methods(reader).items():
         if step not in epochs:
             epochs[step] = reader.step_attrs(step)["epoch"]
-        _, attrs = reader.read_analysis(step, layer, method)
+        _, attrs = reader.read_analysis(step, layer, stored)
         rows.append({"step": step, "epoch": epochs[step], "layer": layer, "method": method} | {
             k: attrs[k] for k in COLUMNS if k in attrs
         })
@@ -229,10 +282,11 @@ class Results:
     def spectra(self, step: int, layer: int) -> dict[str, np.ndarray]:
         """Top eigenvalues of F (key :data:`EXACT`) and of each approximation at one step."""
         with RunReader(self.path) as reader:
-            keys = [k for k in reader.analysis_keys() if k[:2] == (step, layer)]
-            if not keys:
+            if not reader.analysis_done(step, layer, EXACT):
                 raise UserInputError(f"no analysis of step {step}, layer {layer} in {self.path}")
-            return {method: reader.read_analysis(step, layer, method)[0]["eigenvalues"] for _, _, method in keys}
+            names = {EXACT: EXACT} | {m: stored for (s, l, m), stored in _analysis_methods(reader).items()
+                                      if (s, l) == (step, layer)}
+            return {method: reader.read_analysis(step, layer, stored)[0]["eigenvalues"] for method, stored in names.items()}
 
     def profiles(self, layer: int) -> tuple[list[int], list[np.ndarray]]:
         """The Kronecker singular-value profile of layer ``layer``'s block at every step."""

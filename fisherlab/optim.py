@@ -27,36 +27,18 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from fisherlab.kron import BlockStats, FitInfo, FitResult, KronSum, fit
+from fisherlab.kron import METHODS, BlockStats, FitInfo, FitResult, KronSum, fit, validate
 from fisherlab.kron.averaged import AveragedBlock
-from fisherlab.kron.fitters import options_of
 from fisherlab.kron.layout import weight_from_linear
 from fisherlab.kron.solve import INDEFINITE_REMEDIES, damped_inverse
 from fisherlab.probe import FisherProbe
 
-#: The approximations an optimizer can use, with the number of Kronecker terms of each.
-METHOD_RANKS = {"kfac": (1,), "kpsvd": (1,), "deflation": (1, 2), "lanczos": (1, 2), "kfac_corrected": (1, 2)}
 #: How statistics are averaged over time (see :class:`NaturalGradient`).
 AVERAGES = ("block", "factors")
-#: The paper's five optimizers: name -> method and rank.
+#: The paper's five optimizers: name -> method and rank (the registry's methods with
+#: ``optimizer_options``, at their default rank).
 PRESETS = {
-    "kfac": {"method": "kfac", "rank": 1},
-    "kpsvd": {"method": "kpsvd", "rank": 1},
-    "deflation": {"method": "deflation", "rank": 2},
-    "lanczos": {"method": "lanczos", "rank": 2},
-    "kfac_corrected": {"method": "kfac_corrected", "rank": 2},
-}
-
-#: Fit settings the optimizer uses unless told otherwise. Warm-started from the previous
-#: update, a few sweeps to a residual of 1e-3 σ are enough for a preconditioner, and an
-#: unconverged fit is still a usable approximation (it is counted in the diagnostics); the
-#: analysis's defaults (1e-6, 200 sweeps) cost minutes per update on CURVES' 785-wide layers.
-DEFAULT_FIT_OPTIONS = {
-    "kfac": {},
-    "kpsvd": {"tol": 1e-3, "max_iter": 25},
-    "deflation": {"tol": 1e-3, "max_iter": 25},
-    "kfac_corrected": {"tol": 1e-3, "max_iter": 25},
-    "lanczos": {"tol": 1e-3, "max_restarts": 3},
+    name: {"method": name, "rank": m.default_rank} for name, m in METHODS.items() if m.optimizer_options is not None
 }
 
 
@@ -194,7 +176,8 @@ class NaturalGradient(torch.optim.Optimizer):
             pre-activation (a :class:`~fisherlab.problems.Problem`).
         params: parameters or parameter groups (default: all of ``model``'s). A layer's weight
             and bias must be in the same group.
-        method: the approximation, a key of :data:`METHOD_RANKS`.
+        method: the approximation, a method of :data:`fisherlab.kron.METHODS` with
+            ``optimizer_options`` (those of :data:`PRESETS`).
         rank: Kronecker terms (default: 1 for kfac and kpsvd, 2 for the others).
         lr: η > 0.
         damping: λ > 0.
@@ -209,7 +192,7 @@ class NaturalGradient(torch.optim.Optimizer):
         indefinite: remedy for an indefinite two-term sum (``clip``, ``drop``, ``raise``).
         floor: smallest curvature kept by ``indefinite="clip"``, in (0, 1].
         fit_options: options of the fitter (``tol``, ``max_iter``, ``krylov_dim`` ...),
-            over :data:`DEFAULT_FIT_OPTIONS`.
+            over the method's ``optimizer_options``.
         seed: seed of the generator that draws the Monte-Carlo targets.
 
     Raises:
@@ -244,11 +227,7 @@ class NaturalGradient(torch.optim.Optimizer):
         fit_options: dict | None = None,
         seed: int = 0,
     ):
-        if method not in METHOD_RANKS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_RANKS)}")
-        rank = METHOD_RANKS[method][-1] if rank is None else rank
-        if rank not in METHOD_RANKS[method]:
-            raise ValueError(f"{method} supports rank {' or '.join(map(str, METHOD_RANKS[method]))}, got {rank}")
+        _, rank, fit_options = validate(method, rank, fit_options, optimizer=True)
         _check_group(lr, damping, momentum, weight_decay)
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip must be positive or None, got {kl_clip}")
@@ -263,10 +242,6 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"unknown indefinite remedy {indefinite!r}; choose from {', '.join(INDEFINITE_REMEDIES)}")
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
-        fit_options = {**DEFAULT_FIT_OPTIONS[method], **(fit_options or {})}
-        unknown = set(fit_options) - set(options_of(method))
-        if unknown:
-            raise ValueError(f"{method} takes no fit option {', '.join(sorted(unknown))}; it takes {', '.join(options_of(method)) or 'none'}")
         for name in ("per_example_loss", "sample_targets"):
             if not callable(getattr(likelihood, name, None)):
                 raise TypeError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")

@@ -1,10 +1,12 @@
 import csv
 
+import h5py
 import pytest
 import torch
 
-from fisherlab.analysis import COLUMNS, analyze, load_results
+from fisherlab.analysis import COLUMNS, analyze, load_results, read_table
 from fisherlab.cli import main
+from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats, fit
 from fisherlab.kron.metrics import dense_error1, dense_error2
 from fisherlab.store import RunReader, RunWriter
@@ -39,7 +41,7 @@ def test_errors_equal_dense_computations_from_the_stored_blocks(run_file, tmp_pa
         for row in rows:
             step, layer = int(row["step"]), int(row["layer"])
             dense = reader.dense(step, layer)
-            approx = fit(row["method"], reader.stats(step, layer), **({"tol": 1e-12} if row["method"] not in ("kfac", "gram_svd") else {}))
+            approx = fit(row["method"], reader.stats(step, layer), **({"tol": 1e-12} if row["method"] not in ("kfac", "kronecker_svd") else {}))
             dense_hat = approx.op.to_dense()
             assert float(row["error1"]) == pytest.approx(dense_error1(dense, dense_hat), rel=1e-8)
             assert float(row["error2"]) == pytest.approx(dense_error2(dense, dense_hat), rel=1e-8, abs=1e-10)
@@ -91,6 +93,39 @@ def test_results_expose_spectra_and_profiles(run_file):
     assert steps == [0, 5, 10] and profiles[0][0] >= profiles[0][-1]
 
 
+def test_results_stored_under_the_former_name_gram_svd_still_read(run_file, tmp_path, monkeypatch):
+    table = analyze(run_file, out_dir=tmp_path, methods=["kfac", "kronecker_svd"], progress=False)
+    expected = load_results(run_file).rows
+    assert read_table(table) == expected
+    old_table = tmp_path / "old.csv"
+    old_table.write_text(table.read_text().replace(",kronecker_svd,", ",gram_svd,"))
+    assert "gram_svd" in old_table.read_text()
+    assert read_table(old_table) == expected
+    with h5py.File(run_file, "a") as fh:  # the groups as the code before the rename named them
+        for step in fh["analysis"].values():
+            for layer in step.values():
+                layer.move("kronecker_svd", "gram_svd")
+    results = load_results(run_file)
+    assert results.rows == expected and results.methods == ["kfac", "kronecker_svd"]
+    assert set(results.spectra(5, 2)) == {"exact_block", "kfac", "kronecker_svd"}
+
+    import fisherlab.analysis as analysis_module
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a result stored under the former name was fitted again")
+
+    monkeypatch.setattr(analysis_module, "fit", no_fit)
+    assert read_table(analyze(run_file, out_dir=tmp_path, methods=["kronecker_svd"], progress=False)) == expected
+
+
+def test_read_table_rejects_what_is_not_an_errors_table(tmp_path):
+    with pytest.raises(UserInputError, match="no such"):
+        read_table(tmp_path / "missing.csv")
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.5\n")
+    with pytest.raises(UserInputError, match="not an errors table"):
+        read_table(tmp_path / "history.csv")
+
+
 def test_cli_analyze_and_bad_input(run_file, tmp_path, capsys):
     assert main(["analyze", str(run_file), "--methods", "kfac,kpsvd", "--quiet"]) == 0
     assert (run_file.parent / "errors.csv").exists()
@@ -107,3 +142,9 @@ def test_cli_analyze_and_bad_input(run_file, tmp_path, capsys):
     foreign = tmp_path / "foreign.h5"
     foreign.write_text("not hdf5")
     assert main(["analyze", str(foreign)]) == 2
+
+
+def test_cli_names_the_new_name_of_gram_svd(run_file, capsys):
+    assert main(["analyze", str(run_file), "--methods", "gram_svd", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gram_svd is now kronecker_svd" in err

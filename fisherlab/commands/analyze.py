@@ -30,7 +30,7 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis-layers", help="comma-separated recorded layers to analyze (default: all)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64", help="analysis precision")
     parser.add_argument("--no-warm-start", action="store_true", help="start each power/Lanczos fit afresh")
-    parser.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance of the iterations")
+    parser.add_argument("--tol", type=float, help="relative residual tolerance of the iterations (default 1e-6)")
     parser.add_argument(
         "--error2-rtol", type=float, default=0.0,
         help="relative half-width allowed on Error 2 of large multi-term approximations (default 0: exact)",

@@ -3,7 +3,16 @@
 Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 and float64.
 """
 
-from fisherlab.kron.fitters import DEFAULT_RANK, METHODS, FitInfo, FitResult, fit
+from fisherlab.kron.block import Block, BlockTooLargeError, RankOneBlock, SampleBlock
+from fisherlab.kron.fitters import FitInfo, FitResult
+from fisherlab.kron.kronsum import KronSum
+from fisherlab.kron.methods import (
+    METHODS,
+    Method,
+    current_name,
+    fit,
+    validate,
+)
 from fisherlab.kron.metrics import (
     ExactReference,
     dense_error1,
@@ -11,13 +20,12 @@ from fisherlab.kron.metrics import (
     error1,
     error2,
 )
-from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import KroneckerSVD
-from fisherlab.kron.stats import BlockStats, BlockTooLargeError
+from fisherlab.kron.rearranged import KroneckerSVD, kronecker_svd
+from fisherlab.kron.stats import BlockStats
 
 __all__ = [
-    "DEFAULT_RANK",
     "METHODS",
+    "Block",
     "BlockStats",
     "BlockTooLargeError",
     "ExactReference",
@@ -25,9 +33,15 @@ __all__ = [
     "FitResult",
     "KronSum",
     "KroneckerSVD",
+    "Method",
+    "RankOneBlock",
+    "SampleBlock",
+    "current_name",
     "dense_error1",
     "dense_error2",
     "error1",
     "error2",
     "fit",
+    "kronecker_svd",
+    "validate",
 ]

@@ -11,28 +11,29 @@ approximation to the running estimate of the block,
 where ``F̂_{k-1} = Σ_j A_j ⊗ G_j`` is the previous approximation (a few terms) and ``F_k`` the
 current mini-batch block. Both products with ``Z(F̃_k)`` stay matrix-free, so
 :class:`AveragedBlock` can be handed to :func:`fisherlab.kron.fit` in place of a
-:class:`~fisherlab.kron.BlockStats`, every method ``gram_svd`` included (``Z(F̃)`` factors through
+:class:`~fisherlab.kron.BlockStats`, every method ``kronecker_svd`` included (``Z(F̃)`` factors through
 the batch's samples and the previous factors, :mod:`fisherlab.kron.rearranged`).
 """
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from torch import Tensor
 
-from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import GramRearranged, ZFactors, frobenius_inner, linear_combination
-from fisherlab.kron.stats import (
+from fisherlab.kron.block import (
     DEFAULT_MAX_DENSE_ENTRIES,
-    BlockStats,
     BlockTooLargeError,
+    RankOneBlock,
 )
+from fisherlab.kron.kronsum import KronSum
+from fisherlab.kron.rearranged import ZFactors, frobenius_inner, linear_combination
+from fisherlab.kron.stats import BlockStats
 
 
-class AveragedBlock:
-    """``ρ F̂_prev + (1 − ρ) F_batch`` with the statistics protocol the fitters use.
+class AveragedBlock(RankOneBlock):
+    """``ρ F̂_prev + (1 − ρ) F_batch``: a :class:`~fisherlab.kron.block.Block` with the rank-one
+    fast path (:class:`~fisherlab.kron.block.RankOneBlock`), but no sample block (``F̂`` has
+    full rank, so there is no ``N × N`` kernel matrix).
 
     Args:
         stats: the current mini-batch block ``F_batch``.
@@ -44,12 +45,12 @@ class AveragedBlock:
             ``"running"``: ``ρ`` times ``previous``'s first term plus ``1 − ρ`` times the
             batch's KFAC factors, which is that running average when ``previous`` is a
             KFAC-corrected fit (its first term is KFAC's). Only ``kfac`` and ``kfac_corrected``
-            need a pair. A given pair costs the Gram coordinates one more pair of extra
+            need a pair. A given pair costs the span coordinates one more pair of extra
             matrices (half again the cost of a rank-2 ``previous``); ``"running"`` and None
             cost nothing, the first lying in the span already.
 
     Attributes:
-        a, g: the batch's per-sample statistics (the fitters allocate work arrays like them).
+        a, g: the batch's per-sample statistics (the first columns of ``D_a``, ``D_g``).
     """
 
     def __init__(self, stats: BlockStats, previous: KronSum, weight: float,
@@ -74,30 +75,12 @@ class AveragedBlock:
         self._kfac = kfac
         self.a, self.g = stats.a, stats.g
 
-    # -- shape ---------------------------------------------------------------------------
-    @property
-    def n_samples(self) -> int:
-        return self.stats.n_samples
-
-    @property
-    def d_act(self) -> int:
-        return self.stats.d_act
-
-    @property
-    def d_grad(self) -> int:
-        return self.stats.d_grad
-
-    @property
-    def p(self) -> int:
-        return self.stats.p
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.stats.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.stats.device
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AveragedBlock:
+        """A copy in another dtype or on another device."""
+        kfac = self._kfac
+        if isinstance(kfac, tuple):
+            kfac = tuple(f.to(device=device, dtype=dtype) for f in kfac)
+        return AveragedBlock(self.stats.to(dtype, device), self.previous, self.weight, kfac)
 
     # -- the block ------------------------------------------------------------------------
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
@@ -142,15 +125,15 @@ class AveragedBlock:
             kfac = torch.cat([diag[:n], self.weight * columns[n, n:]])  # (1 − ρ)/N on the samples, ρ on term 1
         return ZFactors(self.a, act, self.g, grad, diag, kfac, columns[n : n + r])
 
-    @cached_property
-    def z_coordinates(self) -> GramRearranged:
-        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
-        return GramRearranged.of(self)
+    def inner(self, act: Tensor, grad: Tensor) -> Tensor:
+        """``⟨F̃, A_j ⊗ G_j⟩ = ρ Σ_i ⟨A_i, A_j⟩⟨G_i, G_j⟩ + (1 − ρ) ⟨F, A_j ⊗ G_j⟩``, shape (r,)."""
+        past = (frobenius_inner(self.previous.act, act) * frobenius_inner(self.previous.grad, grad)).sum(dim=-1)
+        return self.weight * past + (1 - self.weight) * self.stats.inner(act, grad)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""
         rho = self.weight
-        cross = self.stats.quadratic_forms(self.previous.act, self.previous.grad).mean(dim=1).sum()
+        cross = self.stats.inner(self.previous.act, self.previous.grad).sum()
         sq = rho**2 * self.previous.inner(self.previous) + 2 * rho * (1 - rho) * cross
         sq = sq + (1 - rho) ** 2 * self.stats.frobenius_norm() ** 2
         return sq.clamp_min(0).sqrt()

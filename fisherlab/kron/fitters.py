@@ -1,6 +1,7 @@
-"""Kronecker approximations of a Fisher block, one function each, in a registry by name.
+"""Kronecker approximations of a Fisher block, one function each (by name: :mod:`fisherlab.kron.methods`).
 
-Every fitter takes :class:`~fisherlab.kron.stats.BlockStats` and returns a :class:`FitResult`:
+Every fitter takes a :class:`~fisherlab.kron.block.Block` (all but KFAC one with the rank-one
+fast path, :class:`~fisherlab.kron.block.RankOneBlock`) and returns a :class:`FitResult`:
 the approximation as a :class:`~fisherlab.kron.kronsum.KronSum` and its diagnostics. The
 first term is symmetric positive semi-definite (Prop. 3.2 of the paper: the sign of the top
 Kronecker singular pair is chosen so, then the factors are symmetrized). Each term
@@ -15,17 +16,14 @@ References:
 
 from __future__ import annotations
 
-import inspect
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import kronecker_svd, rearranged
 from fisherlab.kron.partial_svd import Triplets, lanczos_svd, power_svd
+from fisherlab.kron.rearranged import kronecker_svd, rearranged
 from fisherlab.kron.stats import BlockStats
 
 
@@ -41,7 +39,7 @@ class FitInfo:
         converged: whether the tolerance was met.
         seconds: wall-clock time of the fit.
         singular_values: Kronecker singular values ``σ_k`` of the fitted terms (for
-            ``gram_svd``: the whole profile).
+            ``kronecker_svd``: the whole profile).
     """
 
     method: str
@@ -60,53 +58,6 @@ class FitResult:
     op: KronSum
     info: FitInfo
     warm: Tensor | None = field(default=None, repr=False)
-
-
-Fitter = Callable[..., FitResult]
-METHODS: dict[str, Fitter] = {}
-#: Number of Kronecker terms each method returns by default (the paper's choices).
-DEFAULT_RANK = {"kfac": 1, "kpsvd": 1, "deflation": 2, "lanczos": 2, "kfac_corrected": 2, "gram_svd": 2}
-
-
-def register(name: str) -> Callable[[Fitter], Fitter]:
-    def deco(fn: Fitter) -> Fitter:
-        METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
-    """Fit ``method`` (a name in :data:`METHODS`) to the block of ``stats``.
-
-    Args:
-        rank: number of Kronecker terms (default: the paper's choice, :data:`DEFAULT_RANK`).
-        init: a previous result of the same method on the same layer, to warm-start the
-            iterative methods from its singular vectors.
-        options: method-specific settings (``tol``, ``max_iter``, ``krylov_dim``...).
-
-    Raises:
-        ValueError: unknown method (the message lists the valid ones) or invalid rank.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    accepted = options_of(method)
-    unknown = set(options) - set(accepted)
-    if unknown:
-        raise ValueError(f"{method} takes no option {', '.join(sorted(unknown))}; it takes {', '.join(accepted) or 'none'}")
-    rank = DEFAULT_RANK[method] if rank is None else rank
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    start = time.perf_counter()
-    result = METHODS[method](stats, rank=rank, init=init, **options)
-    result.info.seconds = time.perf_counter() - start
-    return result
-
-
-def options_of(method: str) -> tuple[str, ...]:
-    """The method-specific keyword options that ``method`` accepts."""
-    params = inspect.signature(METHODS[method]).parameters
-    return tuple(name for name in params if name not in ("stats", "rank", "init"))
 
 
 def _scaled(t: Triplets) -> tuple[Tensor, Tensor]:
@@ -131,7 +82,7 @@ def _start(op, stats: BlockStats, init: FitResult | None, rank: int, skip: int =
     """Right start vectors, in ``op``'s form, for ``rank`` triplets (None where there are none).
 
     The block's own previous approximation (an averaged block's) comes first: it is the last
-    fit of the running block, and its coordinates are free (:meth:`GramRearranged.vectors_of`).
+    fit of the running block, and its coordinates are free (:meth:`SpanRearranged.vectors_of`).
     Then ``init``'s singular vectors; then KFAC's G, which is close to the top right singular
     vector and PSD (which power SVD keeps). ``skip`` leaves out leading previous terms
     (KFAC-corrected's KFAC term).
@@ -156,7 +107,6 @@ def _check_rank(method: str, rank: int, allowed: int) -> None:
         raise ValueError(f"{method} has rank {allowed} by definition, got rank={rank}")
 
 
-@register("kfac")
 def fit_kfac(stats: BlockStats, rank: int = 1, init: FitResult | None = None) -> FitResult:
     """KFAC: ``A = E[ā āᵀ]``, ``G = E[g gᵀ]`` (a closed form, rank 1)."""
     _check_rank("kfac", rank, 1)
@@ -164,7 +114,6 @@ def fit_kfac(stats: BlockStats, rank: int = 1, init: FitResult | None = None) ->
     return FitResult(KronSum(act, grad), FitInfo("kfac", 1))
 
 
-@register("kpsvd")
 def fit_kpsvd(
     stats: BlockStats, rank: int = 1, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
 ) -> FitResult:
@@ -175,7 +124,6 @@ def fit_kpsvd(
     return _collect("kpsvd", op, [t])
 
 
-@register("deflation")
 def fit_deflation(
     stats: BlockStats, rank: int = 2, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
 ) -> FitResult:
@@ -218,7 +166,6 @@ def _collect(method: str, op, found: list[Triplets]) -> FitResult:
     return FitResult(_psd_first(_terms(t)), info, grad)
 
 
-@register("lanczos")
 def fit_lanczos(
     stats: BlockStats,
     rank: int = 2,
@@ -233,7 +180,6 @@ def fit_lanczos(
     return _collect("lanczos", op, [lanczos_svd(op, v0, rank, krylov_dim, tol, max_restarts)])
 
 
-@register("kfac_corrected")
 def fit_kfac_corrected(
     stats: BlockStats, rank: int = 2, init: FitResult | None = None, tol: float = 1e-6, max_iter: int = 200
 ) -> FitResult:
@@ -261,9 +207,8 @@ def fit_kfac_corrected(
     return FitResult(kfac + corr.op, info, corr.warm)
 
 
-@register("gram_svd")
-def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
-    """Exact Kronecker SVD of rank ``rank`` from the N × N Gram matrices (no iteration).
+def fit_kronecker_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None) -> FitResult:
+    """Exact Kronecker SVD of rank ``rank`` in span coordinates (no iteration).
 
     See :func:`~fisherlab.kron.rearranged.kronecker_svd`; ``singular_values`` holds the
     whole Kronecker singular-value profile.
@@ -271,5 +216,5 @@ def fit_gram_svd(stats: BlockStats, rank: int = 2, init: FitResult | None = None
     svd = kronecker_svd(stats, rank)
     r = svd.act.shape[0]
     t = Triplets(svd.singular_values[:r], svd.act, svd.grad, 0, 0.0, True)
-    info = FitInfo("gram_svd", r, singular_values=svd.singular_values)
+    info = FitInfo("kronecker_svd", r, singular_values=svd.singular_values)
     return FitResult(_psd_first(_terms(t)), info, svd.grad)

@@ -17,9 +17,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
 from fisherlab.kron.eigensolvers import kron_top_eigenvalues, top_eigenvalues
 from fisherlab.kron.layout import unvec, vec
-from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
 
 #: Sums with ``p`` up to this size (after :meth:`KronSum.compressed`) get their eigenvalues
 #: from a dense eigvalsh.

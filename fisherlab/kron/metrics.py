@@ -34,7 +34,7 @@ class ExactReference:
     """What the errors need of ``F``, computed once and shared by every approximation.
 
     Attributes:
-        norm2: ``‖F‖²_F`` from the Gram identity.
+        norm2: ``‖F‖²_F`` from the kernel matrix.
         eigenvalues: the top ``min(N, p)`` eigenvalues of F, descending.
     """
 

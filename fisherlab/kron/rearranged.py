@@ -1,19 +1,20 @@
 """The rearranged block ``Z(F)`` as an operator for the SVD solvers, in two exact forms.
 
-Every block the fitters see factors as ``Z = D_a W D_gᵀ``: the columns of ``D_a`` are
-``vec(a_n a_nᵀ)`` (and, for an averaged block, the previous approximation's factors), those
-of ``D_g`` likewise, and ``W`` is a diagonal of weights (``I/N`` for a mini-batch block,
-paper Prop. 3.1). Two representations of ``Z`` serve :func:`~fisherlab.kron.partial_svd.power_svd`
-and :func:`~fisherlab.kron.partial_svd.lanczos_svd`:
+Every block the fitters see (a :class:`~fisherlab.kron.block.RankOneBlock`) factors as
+``Z = D_a W D_gᵀ``: the columns of ``D_a`` are ``vec(a_n a_nᵀ)`` (and, for an averaged block,
+the previous approximation's factors), those of ``D_g`` likewise, and ``W`` is a diagonal of
+weights (``I/N`` for a mini-batch block, paper Prop. 3.1). Two representations of ``Z``
+serve :func:`~fisherlab.kron.partial_svd.power_svd` and
+:func:`~fisherlab.kron.partial_svd.lanczos_svd`:
 
 - :class:`Rearranged`, the matrix-free products of Prop. 3.1 on ``m × m`` and ``n × n``
   matrices, ``O(N (m² + n²))`` each;
-- :class:`GramRearranged`, the same operator in orthonormal coordinates of
-  ``span D_a`` and ``span D_g``. With ``H = Dᵀ D`` (for samples ``(a aᵀ)∘²``), any ``T`` with
-  ``Tᵀ H T = I`` gives the basis ``P = D T`` and ``Z = P_a C P_gᵀ`` with the ``K × K`` core
-  ``C = (H_a T_a)ᵀ W (H_g T_g)``. A product then costs ``O(K²)`` instead of
-  ``O(N (m² + n²))`` (MNIST layer 1: 2.6e5 against 8e8 flops), after one ``O(K³)``
-  factorization per side. The iterates are the direct ones from the first product on:
+- :class:`SpanRearranged`, the same operator in orthonormal coordinates of ``span D_a`` and
+  ``span D_g`` (span coordinates). With the Gram matrix ``H = Dᵀ D`` of the columns of ``D``
+  (for samples ``(a aᵀ)∘²``), any ``T`` with ``Tᵀ H T = I`` gives the basis ``P = D T`` and
+  ``Z = P_a C P_gᵀ`` with the ``K × K`` core ``C = (H_a T_a)ᵀ W (H_g T_g)``. A product then
+  costs ``O(K²)`` instead of ``O(N (m² + n²))`` (MNIST layer 1: 2.6e5 against 8e8 flops),
+  after one ``O(K³)`` factorization per side. The iterates are the direct ones from the first product on:
   ``Z`` annihilates the part of a start vector outside ``span D_g``.
 
 :func:`rearranged` picks the cheaper form; :func:`kronecker_svd` is the exact SVD of the
@@ -28,13 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherlab.kron.block import RankOneBlock
+
 
 @dataclass(frozen=True)
 class ZFactors:
     """``Z = D_a W D_gᵀ``: sample rows, extra matrices and weights that define a rearranged block.
 
     Matrices the fitters need besides ``Z`` are given as combinations of the columns, one
-    coefficient vector ``c`` for the pair ``(D_a c, D_g c)``: :meth:`GramRearranged.vectors_of`
+    coefficient vector ``c`` for the pair ``(D_a c, D_g c)``: :meth:`SpanRearranged.vectors_of`
     turns those into coordinates without touching an ``m × m`` or ``n × n`` matrix.
 
     Attributes:
@@ -75,11 +78,12 @@ class KroneckerSVD:
 class FactorSpan:
     """Orthonormal coordinates of ``span{x_n x_nᵀ} + span{E_j}`` from its Gram matrix ``H = DᵀD``.
 
-    The basis is ``P = D T`` with ``Tᵀ H T = I``: ``basis`` holds ``T`` and ``gram_basis``
-    ``H T = Dᵀ P``. Any orthonormal basis of the span gives the same fits (the solvers and
-    the core's singular values are rotation invariant), so ``T`` comes from a Cholesky factor
-    (:func:`_cholesky_basis`, a tenth of an eigendecomposition's cost) wherever that is
-    certified well conditioned, else from ``H = Q Λ Qᵀ`` (:func:`_eigh_basis`).
+    The basis is ``P = D T`` with ``Tᵀ H T = I``: ``basis`` holds ``T`` and ``column_coords``
+    ``H T = Dᵀ P`` (row ``j``: the coordinates of column ``j`` of ``D``). Any orthonormal basis
+    of the span gives the same fits (the solvers and the core's singular values are rotation
+    invariant), so ``T`` comes from a Cholesky factor (:func:`_cholesky_basis`, a tenth of an
+    eigendecomposition's cost) wherever that is certified well conditioned, else from
+    ``H = Q Λ Qᵀ`` (:func:`_eigh_basis`).
     """
 
     def __init__(self, samples: Tensor, extra: Tensor):
@@ -90,7 +94,7 @@ class FactorSpan:
         found = _cholesky_basis(h11, h12, h22)
         if found is None:
             found = _eigh_basis(torch.cat([torch.cat([h11, h12], dim=1), torch.cat([h12.T, h22], dim=1)]))
-        self.basis, self.gram_basis = found
+        self.basis, self.column_coords = found
 
     @property
     def dim(self) -> int:
@@ -109,7 +113,7 @@ class FactorSpan:
     def combination(self, coef: Tensor) -> Tensor:
         """``Pᵀ D c``, the coordinates of the span's element ``D c`` (..., k), for coefficients
         ``c`` (..., N + r): rows of ``H T``, no quadratic forms (``D c`` is in the span)."""
-        return coef.double() @ self.gram_basis
+        return coef.double() @ self.column_coords
 
     def lift(self, coords: Tensor) -> Tensor:
         """``P y`` as matrices (..., d, d), in the samples' dtype, for coordinates ``y`` (..., k)."""
@@ -147,8 +151,8 @@ def _cholesky_basis(h11: Tensor, h12: Tensor, h22: Tensor) -> tuple[Tensor, Tens
         return None
     root = sigma.sqrt()
     basis = torch.cat([torch.cat([inv.T, -coef / root], dim=1), torch.cat([h12.new_zeros(h12.T.shape), v / root], dim=1)])
-    gram_basis = torch.cat([torch.cat([chol, h12.new_zeros(n, v.shape[1])], dim=1), torch.cat([b.T, v * root], dim=1)])
-    return basis, gram_basis
+    column_coords = torch.cat([torch.cat([chol, h12.new_zeros(n, v.shape[1])], dim=1), torch.cat([b.T, v * root], dim=1)])
+    return basis, column_coords
 
 
 def _eigh_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,8 +217,9 @@ class Rearranged:
     def __init__(self, block, act: Tensor | None = None, grad: Tensor | None = None, factors: ZFactors | None = None):
         self.block = block
         self.factors = block.rearranged_factors() if factors is None else factors
-        self.act = block.a.new_zeros(0, block.d_act, block.d_act) if act is None else act
-        self.grad = block.a.new_zeros(0, block.d_grad, block.d_grad) if grad is None else grad
+        opts = {"dtype": block.dtype, "device": block.device}
+        self.act = torch.zeros(0, block.d_act, block.d_act, **opts) if act is None else act
+        self.grad = torch.zeros(0, block.d_grad, block.d_grad, **opts) if grad is None else grad
 
     def minus(self, left: Tensor, right: Tensor) -> Rearranged:
         """This operator with the terms ``vec(L_j) vec(R_j)ᵀ`` removed too (stacked vectors)."""
@@ -247,7 +252,7 @@ class Rearranged:
         return self.block.frobenius_norm()
 
 
-class GramRearranged:
+class SpanRearranged:
     """``Z − Σ_j l_j r_jᵀ`` in the orthonormal coordinates of :class:`FactorSpan` (float64).
 
     Vectors are ``(k, 1)`` columns, so the solvers' Frobenius norms and inner products are
@@ -261,14 +266,14 @@ class GramRearranged:
         self.right = core.new_zeros(0, span_grad.dim, 1) if right is None else right
 
     @classmethod
-    def of(cls, block) -> GramRearranged:
+    def of(cls, block) -> SpanRearranged:
         f: ZFactors = block.rearranged_factors()
         span_act, span_grad = FactorSpan(f.act_samples, f.act_extra), FactorSpan(f.grad_samples, f.grad_extra)
-        core = (span_act.gram_basis.T * f.weights.double()) @ span_grad.gram_basis
+        core = (span_act.column_coords.T * f.weights.double()) @ span_grad.column_coords
         return cls(span_act, span_grad, core, f)
 
-    def minus(self, left: Tensor, right: Tensor) -> GramRearranged:
-        return GramRearranged(self.span_act, self.span_grad, self.core, self.factors,
+    def minus(self, left: Tensor, right: Tensor) -> SpanRearranged:
+        return SpanRearranged(self.span_act, self.span_grad, self.core, self.factors,
                               torch.cat([self.left, left]), torch.cat([self.right, right]))
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -298,32 +303,44 @@ class GramRearranged:
         return torch.linalg.matrix_norm(self.core)
 
 
-def rearranged(block) -> Rearranged | GramRearranged:
-    """``Z`` of ``block`` in the cheaper form: Gram coordinates if the block already holds them
+def _require_rank_one(block, what: str) -> None:
+    if not isinstance(block, RankOneBlock):
+        raise TypeError(
+            f"{what} needs a block with rank-one samples (fisherlab.kron.block.RankOneBlock), "
+            f"got {type(block).__name__}"
+        )
+
+
+def rearranged(block: RankOneBlock) -> Rearranged | SpanRearranged:
+    """``Z`` of ``block`` in the cheaper form: span coordinates if the block already holds them
     (the exact Kronecker SVD built them) or if ``N² ≤ 4 (m² + n²)``, else the direct products.
 
-    The coordinates cost the Gram matrices once: ``2 N² (m + n)`` flops for the samples',
+    The coordinates cost the spans' Gram matrices ``H`` once: ``2 N² (m + n)`` flops for the samples',
     ``2 r N (m² + n²)`` for ``r`` extra matrices' inner products with them, and ``≈ 3 N³`` for
     the Cholesky factors and triangular inverses (an eigendecomposition, ``≈ 20 N³``, only where
     those are ill-conditioned). A direct product pair costs ``≈ 4 N (m² + n²)`` and a
     warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
     about ``N² ≈ 4 (m² + n²)`` on.
     """
-    if "z_coordinates" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
-        return block.z_coordinates
+    _require_rank_one(block, "the fitters' rearranged block")
+    if "span_rearranged" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
+        return block.span_rearranged
     return Rearranged(block)
 
 
-def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
+def kronecker_svd(block: RankOneBlock, rank: int | None = None) -> KroneckerSVD:
     """Exact Kronecker SVD of ``block`` from the SVD of the core ``C`` (no iteration, any size).
 
-    ``C = X Σ Yᵀ`` gives ``R_k = P_a x_k = Σ_n c_{kn} a_n a_nᵀ (+ extra terms)``: the factors
-    are re-weighted KFAC factors.
+    The method ``kronecker_svd`` of :func:`fisherlab.kron.fit` is this decomposition cut to
+    its rank. ``Z = P_a C P_gᵀ`` with orthonormal ``P_a``, ``P_g``, so ``C = X Σ Yᵀ`` gives
+    the singular values of ``Z`` and ``R_k = P_a x_k = Σ_n c_{kn} a_n a_nᵀ (+ extra terms)``:
+    the factors are re-weighted KFAC factors.
 
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
-    z = block.z_coordinates
+    _require_rank_one(block, "the exact Kronecker SVD")
+    z = block.span_rearranged
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
     act, grad = z.lift(x[:, :r].T[..., None], yt[:r][..., None])

@@ -39,6 +39,8 @@ from fisherlab.kron.kronsum import KronSum
 
 SCHEMES = ("pi", "exact")
 INDEFINITE_REMEDIES = ("clip", "drop", "raise")
+#: Most Kronecker terms :func:`damped_inverse` inverts in closed form (§3.4).
+MAX_TERMS = 2
 
 
 class FactorizationError(RuntimeError):
@@ -189,7 +191,7 @@ def damped_inverse(
         raise ValueError(f"damping must be nonnegative, got {damping}")
     if not 0 < floor <= 1:
         raise ValueError(f"floor must be in (0, 1], got {floor}")
-    if op.rank > 2:
+    if op.rank > MAX_TERMS:
         raise ValueError(f"closed-form solves exist for one or two Kronecker terms, got {op.rank}")
     act, grad = op.act[0], op.grad[0]
     m, n = op.d_act, op.d_grad

@@ -20,27 +20,20 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.errors import UserInputError
-from fisherlab.kron.rearranged import (
-    GramRearranged,
-    KroneckerSVD,
-    ZFactors,
-    kronecker_svd,
-    quadratic,
-    weighted_outer,
+from fisherlab.kron.block import (
+    DEFAULT_MAX_DENSE_ENTRIES,
+    BlockTooLargeError,
+    RankOneBlock,
+    SampleBlock,
 )
-
-#: Largest dense block (entries) that :meth:`BlockStats.to_dense` forms unless told otherwise:
-#: 2**28 entries is 2 GiB in float64 (MNIST layer 5, p = 7,750, has 6e7 entries).
-DEFAULT_MAX_DENSE_ENTRIES = 2**28
+from fisherlab.kron.rearranged import ZFactors, quadratic, weighted_outer
 
 
-class BlockTooLargeError(UserInputError):
-    """A dense block was asked for that exceeds the caller's size limit."""
+class BlockStats(RankOneBlock, SampleBlock):
+    """Per-sample statistics ``(a, g)`` of one layer's exact Fisher block (``P_n = ā_n g_nᵀ``).
 
-
-class BlockStats:
-    """Per-sample statistics ``(a, g)`` of one layer's exact Fisher block.
+    A :class:`~fisherlab.kron.block.SampleBlock` with the rank-one fast path
+    (:class:`~fisherlab.kron.block.RankOneBlock`).
 
     Args:
         a: ``(N, m)`` augmented inputs ``ā_n = (1, a_n)``, bias in column 0.
@@ -59,48 +52,19 @@ class BlockStats:
         self.a = a
         self.g = g
 
-    # -- shape ---------------------------------------------------------------------------
-    @property
-    def n_samples(self) -> int:
-        """``N``, the number of per-sample terms."""
-        return self.a.shape[0]
-
-    @property
-    def d_act(self) -> int:
-        """``m = d_in + 1``, the activation-side dimension."""
-        return self.a.shape[1]
-
-    @property
-    def d_grad(self) -> int:
-        """``n = d_out``, the gradient-side dimension."""
-        return self.g.shape[1]
-
-    @property
-    def p(self) -> int:
-        """Size of the block, ``m n``."""
-        return self.d_act * self.d_grad
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.a.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.a.device
-
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BlockStats:
         """A copy in another dtype or on another device."""
         return BlockStats(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
 
-    # -- Gram matrices -------------------------------------------------------------------
+    # -- inner products of the samples ---------------------------------------------------
     @cached_property
-    def gram_act(self) -> Tensor:
-        """``a aᵀ`` (N × N)."""
+    def act_inner_products(self) -> Tensor:
+        """``a aᵀ`` (N × N): the inner products ``a_n · a_m`` of the activation samples."""
         return self.a @ self.a.T
 
     @cached_property
-    def gram_grad(self) -> Tensor:
-        """``g gᵀ`` (N × N)."""
+    def grad_inner_products(self) -> Tensor:
+        """``g gᵀ`` (N × N): the inner products ``g_n · g_m`` of the gradient samples."""
         return self.g @ self.g.T
 
     # -- the block ------------------------------------------------------------------------
@@ -132,25 +96,18 @@ class BlockStats:
     def quadratic_forms(self, act: Tensor, grad: Tensor) -> Tensor:
         """``(a_nᵀ A_j a_n)(g_nᵀ G_j g_n)`` for stacked factors ``act`` (r, m, m), ``grad`` (r, n, n).
 
-        Returns an ``(r, N)`` tensor; its row means are ``⟨F, A_j ⊗ G_j⟩``.
+        Returns an ``(r, N)`` tensor; its row means are ``⟨F, A_j ⊗ G_j⟩`` (:meth:`inner`).
         """
         return quadratic(self.a, act) * quadratic(self.g, grad)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F‖_F`` from ``‖F‖²_F = (1/N²) Σ_{s,t} (a_s·a_t)² (g_s·g_t)²``."""
-        return torch.linalg.matrix_norm(self.gram_act * self.gram_grad) / self.n_samples
+        return torch.linalg.matrix_norm(self.act_inner_products * self.grad_inner_products) / self.n_samples
 
-    def gram_matrix(self) -> Tensor:
-        """``K = (1/N) (a aᵀ) ∘ (g gᵀ)``: its eigenvalues are the nonzero eigenvalues of F."""
-        return self.gram_act * self.gram_grad / self.n_samples
-
-    def eigenvalues(self) -> Tensor:
-        """The top ``min(N, p)`` eigenvalues of F, descending (the others are zero).
-
-        F = ΦΦᵀ/N with ``Φ = [a_n ⊗ g_n]``, and ``ΦᵀΦ = (a aᵀ) ∘ (g gᵀ)``.
-        """
-        eig = torch.linalg.eigvalsh(self.gram_matrix()).flip(0)
-        return eig[: min(self.n_samples, self.p)]
+    def kernel_matrix(self) -> Tensor:
+        """``K = (1/N) (a aᵀ) ∘ (g gᵀ)`` (``⟨P_n, P_m⟩ = (a_n·a_m)(g_n·g_m)``): its eigenvalues
+        are the nonzero eigenvalues of F."""
+        return self.act_inner_products * self.grad_inner_products / self.n_samples
 
     def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
         """The ``p × p`` block in the ``A ⊗ G`` order (column-major vec of ``W``).
@@ -172,22 +129,3 @@ class BlockStats:
         weights = torch.full((self.n_samples,), 1 / self.n_samples, dtype=self.dtype, device=self.device)
         return ZFactors(self.a, self.a.new_zeros(0, self.d_act, self.d_act), self.g,
                         self.g.new_zeros(0, self.d_grad, self.d_grad), weights, weights, weights.new_zeros(0, self.n_samples))
-
-    @cached_property
-    def z_coordinates(self) -> GramRearranged:
-        """``Z`` in Gram coordinates (:mod:`fisherlab.kron.rearranged`), built once and shared by every fit."""
-        return GramRearranged.of(self)
-
-    def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
-        """Exact Kronecker SVD of F from the two N × N Gram matrices (no iteration, any layer size).
-
-        With ``U = [vec(a_n a_nᵀ)]`` and ``T_a`` such that ``T_aᵀ (a aᵀ)∘² T_a = I`` (likewise V),
-        ``P_a = U T_a`` is orthonormal and ``Z(F) = P_a M P_gᵀ`` with
-        ``M = (1/N) (UᵀU T_a)ᵀ (VᵀV T_g)``. The SVD ``M = X Σ Yᵀ`` gives
-        ``R_k = Σ_n c_{kn} a_n a_nᵀ`` with ``c_k = T_a x_k``: the factors are re-weighted KFAC
-        factors (:func:`fisherlab.kron.rearranged.kronecker_svd`).
-
-        Args:
-            rank: number of leading terms whose factors are returned (default: all).
-        """
-        return kronecker_svd(self, rank)

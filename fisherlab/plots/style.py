@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-#: Display names of the approximations and optimizers.
-LABELS = {
-    "kfac": "KFAC",
-    "kpsvd": "KPSVD",
-    "deflation": "Deflation",
-    "lanczos": "Lanczos",
-    "kfac_corrected": "KFAC-corrected",
-    "gram_svd": "Exact Kronecker SVD",
-    "sgd": "SGD",
-    "adam": "Adam",
-    "fisher": "exact F",
-}
+from fisherlab.kron.methods import METHODS
+
+#: Display names of the approximations (from the registry) and of the other optimizers.
+LABELS = {name: method.label for name, method in METHODS.items()} | {"sgd": "SGD", "adam": "Adam", "fisher": "exact F"}
 
 #: Colour-blind-safe palette (Okabe–Ito), fixed per name.
 COLORS = {
@@ -22,7 +14,7 @@ COLORS = {
     "deflation": "#0072B2",
     "lanczos": "#009E73",
     "kfac_corrected": "#D55E00",
-    "gram_svd": "#CC79A7",
+    "kronecker_svd": "#CC79A7",
     "sgd": "#999999",
     "adam": "#56B4E9",
     "fisher": "#7F7F7F",
@@ -34,7 +26,7 @@ MARKERS = {
     "deflation": "^",
     "lanczos": "v",
     "kfac_corrected": "D",
-    "gram_svd": "x",
+    "kronecker_svd": "x",
     "sgd": ".",
     "adam": "+",
     "fisher": "",

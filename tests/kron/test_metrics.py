@@ -134,7 +134,7 @@ def test_compression_to_the_factor_ranges_keeps_the_spectrum(monkeypatch):
     from tests.conftest import _random
 
     stats = _random(12, 6, 9, 8)  # N = 6 < m, n: fitted factors have rank ≤ 6
-    for method in ("deflation", "kfac_corrected", "gram_svd"):
+    for method in ("deflation", "kfac_corrected", "kronecker_svd"):
         op = fit(method, stats).op
         small = op.compressed()
         assert small.d_act <= 6 and small.d_grad <= 6

@@ -1,4 +1,4 @@
-"""The two forms of Z(F): direct products (Prop. 3.1) and Gram coordinates, against dense algebra."""
+"""The two forms of Z(F): direct products (Prop. 3.1) and span coordinates, against dense algebra."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fisherlab.kron import rearranged as rearranged_module
 from fisherlab.kron.layout import rearrange, unvec, vec
 from fisherlab.kron.rearranged import (
     FactorSpan,
-    GramRearranged,
+    SpanRearranged,
     Rearranged,
     kronecker_svd,
     rearranged,
@@ -57,18 +57,18 @@ def test_factor_span_coordinates_are_orthonormal_and_project():
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_combinations_of_the_columns_have_free_coordinates(kind):
-    # vectors_of(c) in Gram coordinates (rows of H T) is the projection of the explicit D c,
+    # vectors_of(c) in span coordinates (rows of H T) is the projection of the explicit D c,
     # and lifts back to what the direct form builds.
     block = BLOCKS[kind](CASES["random"]())
-    gram, direct = GramRearranged.of(block), Rearranged(block)
-    f = gram.factors
+    span, direct = SpanRearranged.of(block), Rearranged(block)
+    f = span.factors
     gen = torch.Generator().manual_seed(2)
     coef = torch.randn(3, f.weights.shape[0], generator=gen, dtype=torch.float64)
-    left, right = gram.vectors_of(coef)
+    left, right = span.vectors_of(coef)
     mats_left, mats_right = direct.vectors_of(coef)
-    torch.testing.assert_close(left, gram.left_of(mats_left), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(right, gram.right_of(mats_right), rtol=1e-10, atol=1e-12)
-    lifted = gram.lift(left, right)
+    torch.testing.assert_close(left, span.left_of(mats_left), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(right, span.right_of(mats_right), rtol=1e-10, atol=1e-12)
+    lifted = span.lift(left, right)
     torch.testing.assert_close(lifted[0], mats_left, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(lifted[1], mats_right, rtol=1e-9, atol=1e-12)
     # The KFAC pair and the previous terms are such combinations.
@@ -108,10 +108,10 @@ def test_cholesky_coordinates_refuse_a_singular_gram_matrix():
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
-def test_gram_products_equal_the_dense_rearrangement(stats, kind):
+def test_span_products_equal_the_dense_rearrangement(stats, kind):
     block = BLOCKS[kind](stats)
     z = _dense_z(block)
-    op = GramRearranged.of(block)
+    op = SpanRearranged.of(block)
     gen = torch.Generator().manual_seed(2)
     v = torch.randn(block.d_grad, block.d_grad, generator=gen, dtype=torch.float64)
     u = torch.randn(block.d_act, block.d_act, generator=gen, dtype=torch.float64)
@@ -129,26 +129,26 @@ def test_gram_products_equal_the_dense_rearrangement(stats, kind):
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 def test_power_iterates_are_the_same_in_both_forms(kind):
     block = BLOCKS[kind](_random(7, 30, 6, 5))
-    direct, gram = Rearranged(block), GramRearranged.of(block)
+    direct, span = Rearranged(block), SpanRearranged.of(block)
     v0 = block.kfac_factors()[1]
     a = power_svd(direct, v0, tol=1e-9, max_iter=500)
-    b = power_svd(gram, gram.right_of(v0[None])[0], tol=1e-9, max_iter=500)
+    b = power_svd(span, span.right_of(v0[None])[0], tol=1e-9, max_iter=500)
     assert a.iterations == b.iterations
     torch.testing.assert_close(b.sigma, a.sigma, rtol=1e-12, atol=0)
-    act, grad = gram.lift(b.left, b.right)
+    act, grad = span.lift(b.left, b.right)
     torch.testing.assert_close(torch.kron(act[0], grad[0]), torch.kron(a.left[0], a.right[0]), rtol=1e-9, atol=1e-12)
     # Deflated and Lanczos: the same top-2 triplets.
     la = lanczos_svd(direct, v0, 2, tol=1e-10)
-    lb = lanczos_svd(gram, gram.right_of(v0[None])[0], 2, tol=1e-10)
+    lb = lanczos_svd(span, span.right_of(v0[None])[0], 2, tol=1e-10)
     torch.testing.assert_close(lb.sigma, la.sigma, rtol=1e-10, atol=0)
 
 
 def test_the_cheaper_form_is_chosen_and_built_coordinates_are_reused():
-    assert isinstance(rearranged(_random(0, 40, 30, 20)), GramRearranged)
+    assert isinstance(rearranged(_random(0, 40, 30, 20)), SpanRearranged)
     small = _random(0, 400, 3, 2)
     assert isinstance(rearranged(small), Rearranged)
     kronecker_svd(small, rank=1)
-    assert rearranged(small) is small.z_coordinates
+    assert rearranged(small) is small.span_rearranged
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
@@ -169,10 +169,10 @@ def test_kronecker_svd_of_any_block_matches_the_dense_svd(stats, kind):
         torch.testing.assert_close(ours, best, rtol=0, atol=1e-9 * float(s[0]))
 
 
-def test_gram_svd_fits_an_averaged_block():
+def test_exact_kronecker_svd_fits_an_averaged_block():
     block = _averaged(_random(3, 20, 4, 3))
     m, n = block.d_act, block.d_grad
     u, s, vt = torch.linalg.svd(_dense_z(block))
     best = sum(s[k] * torch.kron(unvec(u[:, k], m, m), unvec(vt[k], n, n)) for k in range(2))
-    ours = fit("gram_svd", block, rank=2).op.to_dense()
+    ours = fit("kronecker_svd", block, rank=2).op.to_dense()
     torch.testing.assert_close(ours, best, rtol=0, atol=1e-9 * float(s[0]))
