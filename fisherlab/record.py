@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from fisherlab.data import Dataset, load_dataset
 from fisherlab.errors import UserInputError
+from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats
 from fisherlab.probe import FISHER_TYPES, FisherProbe
 from fisherlab.problems import Problem, get_problem
@@ -283,13 +284,7 @@ def _check_output(out: Path, force: bool, resume: bool) -> None:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def _load_checkpoint(path: Path, config_json: str, device: torch.device) -> dict | None:

@@ -20,12 +20,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fisherlab.errors import UserInputError
+from fisherlab.io import atomic_write
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.problems import Problem
 
@@ -55,13 +55,13 @@ class History:
 
     def write_csv(self, path: str | os.PathLike) -> None:
         """Write the rows to ``path`` (via a temporary file, so it is never torn)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
+
+        def write(handle) -> None:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, path)
+
+        atomic_write(path, write, text=True)
 
     @classmethod
     def read_csv(cls, path: str | os.PathLike) -> History:

@@ -38,13 +38,13 @@ def _rows(layers=(1, 2, 5), steps=(0, 10, 20, 30)) -> list[dict]:
 
 def _capture(monkeypatch, write: bool) -> dict:
     drawn = {}
-    real_save = plots.save
+    real_save = plots.save_figure
 
     def keeping_save(fig, out_dir, stem):
         drawn[stem] = fig
         return real_save(fig, out_dir, stem) if write else []
 
-    monkeypatch.setattr(plots, "save", keeping_save)
+    monkeypatch.setattr(plots, "save_figure", keeping_save)
     return drawn
 
 
@@ -145,7 +145,7 @@ def test_kron_profiles_one_line_per_step_with_a_colorbar(tmp_path, figures, monk
     assert len(ax.get_lines()) == 3 and ax.get_yscale() == "log"
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([1.0, 0.1, 1e-3])  # σ_k/σ_1; round-off dropped
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "training step"  # the colorbar
-    monkeypatch.setattr(plots, "save", lambda fig, out_dir, stem: fig)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, stem: fig)
     one_step = plots.plot_kron_profiles([5], profiles[:1], tmp_path)
     low, high = one_step.axes[1].get_ylim()
     assert low == 5 and high > low  # one step still has a valid colour scale

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ import torch
 
 from fisherlab import __version__
 from fisherlab.errors import UserInputError
+from fisherlab.io import atomic_write
 from fisherlab.optim import AVERAGES, NaturalGradient
 from fisherlab.training import OPTIMIZERS, build_optimizer, train
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     record["final"] = history.rows[-1]
     if isinstance(optimizer, NaturalGradient):
         record["diagnostics"] = asdict(optimizer.diagnostics)
-    _write_json(out / "run.json", record)
+    atomic_write(out / "run.json", json.dumps(record, indent=1, default=str))
     history.write_csv(out / "history.csv")
     partial.unlink(missing_ok=True)
     final = history.rows[-1]
@@ -160,10 +160,3 @@ def run(args: argparse.Namespace) -> int:
         f"val {final['val_loss']:.4f}, {final['seconds']:.1f} s -> {out / 'history.csv'}"
     )
     return 0
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
-

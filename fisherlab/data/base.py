@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from fisherlab.errors import DataNotFoundError
+from fisherlab.io import atomic_write
 
 DATA_DIR_ENV = "FISHERLAB_DATA_DIR"
 CACHE_DIR_ENV = "FISHERLAB_CACHE_DIR"
@@ -88,19 +88,6 @@ def cache_key(name: str, params: dict[str, Any]) -> str:
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached(
     directory: Path,
     name: str,
@@ -133,7 +120,7 @@ def cached(
             return arrays, record["notes"], True
     arrays, notes = generate()
     for key, array in arrays.items():
-        _atomic_write(directory / f"{stem}.{key}.npy", lambda f, a=array: np.save(f, a))
+        atomic_write(directory / f"{stem}.{key}.npy", lambda f, a=array: np.save(f, a))
     record = {"name": name, "params": params, "arrays": list(arrays), "notes": notes}
-    _atomic_write(index, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
+    atomic_write(index, json.dumps(record, indent=1, default=str))
     return arrays, notes, False
