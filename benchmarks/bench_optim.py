@@ -38,6 +38,7 @@ import torch
 from fisherlab.data import load_dataset
 from fisherlab.kron import BlockStats, KronSum, error1
 from fisherlab.optim import PRESETS, NaturalGradient
+from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.probe import FisherProbe
 from fisherlab.problems import get_problem
 from fisherlab.training import build_optimizer
@@ -172,15 +173,16 @@ def average_study(name: str, layer: int, updates: int, decay: float, methods: tu
 
 
 class _Runner:
-    """Drives one layer's running approximation through the optimizer's own update code."""
+    """Drives one layer's running approximation through the preconditioner's own update code."""
 
     def __init__(self, method: str, average: str, decay: float):
         layer = torch.nn.Linear(1, 1)
-        self.opt = NaturalGradient(torch.nn.Sequential(layer), get_problem("1-1"), method=method, average=average, decay=decay)
+        self.pre = KroneckerPreconditioner(torch.nn.Sequential(layer), get_problem("1-1"), method=method, average=average,
+                                           decay=decay, kl_clip=None)
         self.state = {}
 
     def update(self, stats: BlockStats, rho: float) -> KronSum:
-        self.opt._refresh_layer(self.state, stats, rho)
+        self.pre._refresh_layer(self.state, stats, rho)
         return KronSum(self.state["approx_act"], self.state["approx_grad"])
 
 
