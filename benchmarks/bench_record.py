@@ -8,8 +8,8 @@ of its time waiting for the first, which inflates and scatters every timing.
 
     plain Adam     the step of ``fisherlab train``: Adam.step(closure), the closure running
                    zero_grad, forward, loss, backward
-    unrecorded     Recorder.train_step(capture=False): a step of record that is not recorded
-    capture        Recorder.train_step(capture=True): + the probe's extra backward pass
+    unrecorded     a step of record that is not recorded: the loop's step with the Recorder hook
+    capture        a recorded step's capture: + the probe's extra backward pass
     capture+write  capture, then RunWriter.write_step(dense_budget=0) and, at most every
                    CHECKPOINT_INTERVAL_S, the resume checkpoint: a whole recorded step of
                    ``record --dense-budget 0``
@@ -47,8 +47,9 @@ import torch
 
 from fisherlab.data import load_dataset
 from fisherlab.errors import UserInputError
+from fisherlab.loop import Checkpoint
 from fisherlab.problems import get_problem
-from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder, _save_checkpoint
+from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder
 from fisherlab.store import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -81,10 +82,11 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -
     model = problem.build_model(seed=0)
     adam = build_optimizer("adam", model, problem, lr=1e-3)
     layers = list(range(1, problem.num_layers + 1))
-    recorder = Recorder(model, problem, adam, layers)
+    # every=1 captures at every step, every=2 at none of the odd steps the unrecorded mode takes.
+    capturing, idle = Recorder(model, problem, layers, every=1), Recorder(model, problem, layers, every=2)
     out = workdir / f"{name}.h5"
-    writer = RunWriter(out, {"problem": name}, recorder.probe.layer_shapes, force=True, compression=compression)
-    ckpt = workdir / f"{name}.resume.pt"
+    writer = RunWriter(out, {"problem": name}, capturing.probe.layer_shapes, force=True, compression=compression)
+    ckpt = Checkpoint(workdir / f"{name}.resume.pt", {"problem": name})
     counter = iter(range(10**8))
     recorded_bytes = []
     split = {"HDF5 write": [], "checkpoint": []}  # CPU seconds inside capture+write
@@ -100,24 +102,34 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -
 
         float(adam.step(closure).detach())
 
+    def loop_step(hook: Recorder, x: torch.Tensor, step: int) -> tuple[float, dict | None]:
+        # The step of fisherlab.loop.Loop with record's hook.
+        def closure() -> torch.Tensor:
+            adam.zero_grad(set_to_none=True)
+            loss = problem.loss(hook.forward(model, x, step), x)
+            loss.backward()
+            return loss
+
+        return float(adam.step(closure).detach()), hook.stats
+
     def full(x: torch.Tensor) -> None:
         step = next(counter)
         size = out.stat().st_size
-        loss, stats = recorder.train_step(x, step, capture=True)
+        loss, stats = loop_step(capturing, x, step)
         start = time.process_time()
         writer.write_step(step, 0, loss, stats, dense_budget=0)
         middle = time.process_time()
         split["HDF5 write"].append(middle - start)
         if time.monotonic() - last_checkpoint[0] >= CHECKPOINT_INTERVAL_S:  # record's policy
-            _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": adam.state_dict(), "next_step": step + 1})
+            ckpt.save({"model": model.state_dict(), "optimizer": adam.state_dict(), "step": step + 1})
             split["checkpoint"].append(time.process_time() - middle)
             last_checkpoint[0] = time.monotonic()
         recorded_bytes.append(out.stat().st_size - size)
 
     run = {
         "plain Adam": plain,
-        "unrecorded": lambda x: recorder.train_step(x, 0, capture=False),
-        "capture": lambda x: recorder.train_step(x, 0, capture=True),
+        "unrecorded": lambda x: loop_step(idle, x, 1),
+        "capture": lambda x: loop_step(capturing, x, 0),
         "capture+write": full,
     }
     wall = {mode: [] for mode in MODES}
@@ -158,7 +170,7 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compression: str) -
     if dense:
         size = out.stat().st_size
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss, stats = recorder.train_step(batches[0], next(counter), capture=True)
+        loss, stats = loop_step(capturing, batches[0], next(counter))
         writer.write_step(10**7, 0, loss, stats, dense_budget=DEFAULT_DENSE_BUDGET)
         seconds, seconds_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         admitted = [i for i, s in stats.items() if 4 * s.p**2 <= DEFAULT_DENSE_BUDGET]

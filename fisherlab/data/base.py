@@ -21,6 +21,10 @@ CACHE_DIR_ENV = "FISHERLAB_CACHE_DIR"
 SPLIT_SEED = 0
 
 
+#: Meta entries that describe a particular call of a loader, not the data set.
+VOLATILE_META = frozenset({"cache_hit", "generation_seconds"})
+
+
 @dataclass
 class Dataset:
     """A benchmark data set, one example a row, pixels of each image in row-major order.
@@ -37,6 +41,11 @@ class Dataset:
     val: torch.Tensor
     test: torch.Tensor | None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        """``meta`` without the entries that describe one call (a cache hit, its timing):
+        what identifies the data set in a run's settings."""
+        return {k: v for k, v in self.meta.items() if k not in VOLATILE_META}
 
 
 def resolve_data_dir(path: str | os.PathLike | None) -> Path | None:
