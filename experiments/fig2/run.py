@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--problems", nargs="+")
     parser.add_argument("--optimizers", nargs="+")
+    parser.add_argument("--device", default="auto", help="of every run (default: auto, cuda where available)")
     args = parser.parse_args(argv)
     settings = load_config(args.profile)
     problems = args.problems or settings["problems"]
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                           "running it again", flush=True)
                 if not cached or stale:
                     print(f"[fig2] {problem} {optimizer} {point}", flush=True)
-                    extra = ["--force"] if stale else []
+                    extra = ["--device", args.device] + (["--force"] if stale else [])
                     code = fisherlab_main(train_args(here, problem, optimizer, point, out) + extra)
                     if code != 0:
                         print(f"[fig2] failed with status {code}", file=sys.stderr)

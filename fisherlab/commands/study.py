@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from fisherlab.commands.analyze import add_analysis_options, analysis_kwargs
+from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fisherlab.errors import UserInputError
 
 #: The quick default (a few minutes on two cores) and the paper's setting.
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-budget", default="0", help="also store dense blocks up to this size (default: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="directory with the original data files")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--plot-layer", type=int, help="layer of the error and spectrum figures (default: 5)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--force", action="store_true", help="overwrite an existing study")
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from fisherlab.plots.analysis import plot_run
     from fisherlab.record import record
 
+    device = str(resolve_device(args.device))
     preset = FULL if args.full else QUICK
     out = Path(args.out or f"study-{args.problem.replace(':', '_')}")
     if out.exists() and not out.is_dir():
@@ -66,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
     record(
         args.problem, run_file, optimizer="adam", lr=args.lr, batch_size=args.batch_size, steps=steps, every=every,
         layers=args.layers or preset["layers"], fisher=args.fisher, mc_samples=args.mc_samples, dense_budget=args.dense_budget,
-        seed=args.seed, data_dir=args.data_dir, device=args.device, force=args.force, resume=args.resume,
+        seed=args.seed, data_dir=args.data_dir, device=device, force=args.force, resume=args.resume,
         progress=not args.quiet,
     )
     options = analysis_kwargs(args)
     print("[2/3] analyze: every method on every recorded step and layer")
-    table = analyze(run_file, out_dir=out, device=args.device, progress=not args.quiet, **options)
+    table = analyze(run_file, out_dir=out, device=device, progress=not args.quiet, **options)
     print("[3/3] plot")
     figures = plot_run(load_results(run_file), out / "figures", layer=args.plot_layer)
     print(f"run file: {run_file}\nerrors table: {table}\nfigures ({len(figures)}): {out / 'figures'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP
@@ -72,13 +73,19 @@ def run(args: argparse.Namespace) -> int:
     """Train the run ``args`` describes; 0 on success (also for a run that diverged)."""
     from fisherlab.training import run_training
 
-    result = run_training(
-        args.problem, args.optimizer, args.out, epochs=args.epochs, lr=args.lr, damping=args.damping, clip=args.clip,
-        t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay, average=args.average,
-        mc_samples=args.mc_samples, batch_size=args.batch_size, train_subset=args.train_subset,
-        log_every=args.log_every, seed=args.seed, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
-        cache_dir=args.cache_dir, force=args.force, resume=args.resume, progress=not args.no_progress,
-    )
+    try:
+        result = run_training(
+            args.problem, args.optimizer, args.out, epochs=args.epochs, lr=args.lr, damping=args.damping,
+            clip=args.clip, t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay,
+            average=args.average, mc_samples=args.mc_samples, batch_size=args.batch_size,
+            train_subset=args.train_subset, log_every=args.log_every, seed=args.seed, device=args.device,
+            dtype=args.dtype, data_dir=args.data_dir,
+            cache_dir=args.cache_dir, force=args.force, resume=args.resume, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"fisherlab train: interrupted; run the same command with --resume to continue from {args.out}",
+              file=sys.stderr)
+        return 130
     final = result.history.rows[-1]
     status = "diverged" if result.history.diverged else "done"
     print(
