@@ -437,12 +437,12 @@ def record(
     config = json.loads(config_json)  # plain JSON types, as the file will hold them
     checkpoint = Checkpoint(checkpoint_path(out), config)
     fresh = not (resume and out.exists())
-    shapes = FisherProbe(model, chosen).layer_shapes
-    writer = RunWriter(out, config, shapes, force=force, resume=resume, compression=compression)
+    recorder = Recorder(model, prob, chosen, every=int(every), dense_budget=budget, fisher=fisher,
+                        mc_samples=int(mc_samples), seed=int(seed))
+    writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume, compression=compression)
+    recorder.writer = writer
     if force:
         checkpoint.remove()
-    recorder = Recorder(model, prob, chosen, writer=writer, every=int(every), dense_budget=budget, fisher=fisher,
-                        mc_samples=int(mc_samples), seed=int(seed))
     # Checkpoints cost about as much as a CURVES step: at most one per interval, after a
     # recorded step; a resume replays the few steps since the last one (the run is deterministic).
     loop = Loop(model, prob, opt, data.train.to(dev), batch_size=batch_size, steps=steps, seed=int(seed),
