@@ -214,7 +214,7 @@ def test_plot_run_at_a_chosen_layer_and_step(run_file, tmp_path, sketches):
 
 
 def test_runs_that_would_share_a_figure_directory_get_one_each(tmp_path):
-    from fisherlab.commands.plot import run_out_dirs
+    from fisherlab.plots.files import run_out_dirs
 
     a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "sub" / "a.h5"
     assert run_out_dirs([a], None) == {a: tmp_path / "figures"}
@@ -295,7 +295,7 @@ def test_cli_plots_histories_labelled_by_optimizer(tmp_path, capsys, monkeypatch
 
 
 def test_histories_of_one_optimizer_are_told_apart(tmp_path):
-    from fisherlab.commands.plot import read_histories
+    from fisherlab.plots.files import read_histories
 
     first = _history(tmp_path / "lr1e-3", optimizer="adam")
     second = _history(tmp_path / "lr1e-2", optimizer="adam")

@@ -1,6 +1,6 @@
-"""``fisherlab plot PATH [PATH ...]``: the figures of analyzed runs and of training histories.
+"""The figures of analyzed runs and of training histories, from the files given (``fisherlab plot``).
 
-Each PATH is one of:
+:func:`plot_files` takes paths, each one of:
 
 - an analyzed HDF5 run file (``.h5``): the analysis figures of
   :func:`fisherlab.plots.analysis.plot_run` (errors over training, heatmaps, spectra,
@@ -15,7 +15,6 @@ Each PATH is one of:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import Counter
@@ -31,48 +30,48 @@ HISTORY = "history.csv"
 SIDECAR = "run.json"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "paths", nargs="+", metavar="PATH", type=Path,
-        help="analyzed run file (.h5), history.csv, or a directory holding history.csv files",
-    )
-    parser.add_argument(
-        "--layer", type=int,
-        help="layer of a run's error, spectrum and profile figures (default: 5 if analyzed, else the middle one)",
-    )
-    parser.add_argument("--step", type=int, help="step of a run's heatmap and spectrum (default: the last one)")
-    parser.add_argument(
-        "--out", type=Path, help="directory for the figures (default: figures/ beside the run file or the histories)"
-    )
+def plot_files(paths: list[Path], layer: int | None = None, step: int | None = None,
+               out: Path | None = None) -> list[str]:
+    """Draw the figures of every path (module docstring); every input is read and checked first.
 
+    Args:
+        paths: run files, ``history.csv`` files and directories holding them.
+        layer, step: the view of the runs' figures (:func:`fisherlab.plots.analysis.resolve_view`).
+        out: directory for all figures (default: ``figures/`` beside each run, or beside the histories).
 
-def run(args: argparse.Namespace) -> int:
-    runs, histories = classify(args.paths)
-    if not runs and (args.layer is not None or args.step is not None):
+    Returns:
+        One line per figure set: what was drawn and where.
+
+    Raises:
+        UserInputError: for a bad path, a view the runs lack, or an unwritable directory.
+    """
+    runs, histories = classify(paths)
+    if not runs and (layer is not None or step is not None):
         raise UserInputError("--layer and --step apply to run files (.h5), and none was given")
-    # Read and check every input before drawing anything, so bad input stops the command early.
+    # Read and check every input before drawing anything, so bad input stops early.
     loaded = []
     if runs:
         from fisherlab.analysis import load_results
         from fisherlab.plots.analysis import plot_run, resolve_view
 
-        for path, out in run_out_dirs(runs, args.out).items():
+        for path, directory in run_out_dirs(runs, out).items():
             results = load_results(path)
-            loaded.append((results, out, *resolve_view(results, args.layer, args.step)))
+            loaded.append((results, directory, *resolve_view(results, layer, step)))
     labelled = read_histories(histories) if histories else {}
-    for results, out, layer, step in loaded:
-        with _writing_into(out):
-            written = plot_run(results, out, layer=layer, step=step)
-        print(f"{results.path}: layer {layer}, step {step}: {len(written)} files in {out}")
+    lines = []
+    for results, directory, run_layer, run_step in loaded:
+        with _writing_into(directory):
+            written = plot_run(results, directory, layer=run_layer, step=run_step)
+        lines.append(f"{results.path}: layer {run_layer}, step {run_step}: {len(written)} files in {directory}")
     if histories:
         from fisherlab.plots.training import plot_histories
 
-        out = args.out or Path(os.path.commonpath([h.resolve().parent for h in histories])) / "figures"
-        with _writing_into(out):
-            written = plot_histories(labelled, out, histories_title(histories))
+        directory = out or Path(os.path.commonpath([h.resolve().parent for h in histories])) / "figures"
+        with _writing_into(directory):
+            written = plot_histories(labelled, directory, histories_title(histories))
         count = f"{len(histories)} histor{'y' if len(histories) == 1 else 'ies'}"
-        print(f"{count} ({', '.join(labelled)}): {len(written)} files in {out}")
-    return 0
+        lines.append(f"{count} ({', '.join(labelled)}): {len(written)} files in {directory}")
+    return lines
 
 
 def classify(paths: list[Path]) -> tuple[list[Path], list[Path]]:
