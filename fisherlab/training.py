@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def train(
     seed: int = 0,
     log_every: int = 0,
     progress: bool = True,
-    on_row=None,
+    on_row: Callable[[History], None] | None = None,
     checkpoint: Checkpoint | None = None,
     resume: bool = False,
     stop_at: int | None = None,
@@ -106,10 +107,24 @@ def train(
                 steps=epochs * (train_data.shape[0] // batch_size), seed=seed, val_data=val_data,
                 log_every=log_every, checkpoint=checkpoint, on_row=on_row, progress=progress)
     if resume and checkpoint is not None:
-        state = checkpoint.load(train_data.device)
+        state = _resumable(checkpoint, train_data.device, loop.steps, epochs)
         if state is not None:
             loop.load_state_dict(state)
     return loop.run(stop_at)
+
+
+def _resumable(checkpoint: Checkpoint, device: torch.device, steps: int, epochs: int) -> dict | None:
+    """The checkpoint's state if a run of ``steps`` steps can continue from it.
+
+    Raises:
+        UserInputError: if it was saved with other settings or is past ``steps``.
+    """
+    state = checkpoint.load(device)
+    if state is not None and state["step"] > steps:
+        raise UserInputError(
+            f"cannot resume from {checkpoint.path}: it is at step {state['step']}, past the {steps} steps of {epochs} epochs"
+        )
+    return state
 
 
 @dataclass
@@ -208,8 +223,8 @@ def run_training(
         out / CHECKPOINT,
         {**{k: v for k, v in settings.items() if k not in _RESUMABLE}, "dataset": dataset.provenance()},
     )
-    if resume:
-        checkpoint.load(dev)  # refuses other settings before anything is changed
+    if resume:  # refuse other settings or fewer epochs before anything is changed
+        _resumable(checkpoint, dev, epochs * (train_data.shape[0] // batch_size), epochs)
 
     torch.manual_seed(seed)
     model = prob.build_model(seed=seed, dtype=torch_dtype, device=dev)

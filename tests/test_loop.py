@@ -60,6 +60,8 @@ def test_resume_extends_a_finished_run_to_more_epochs(tmp_path):
     whole, reference = _train("kfac", epochs=3)
     assert _without_seconds(extended) == _without_seconds(whole)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(UserInputError, match="past the 8 steps of 2 epochs"):
+        _train("kfac", checkpoint, resume=True, epochs=2)
 
 
 def test_checkpoint_refuses_other_settings_and_ignores_a_damaged_file(tmp_path):

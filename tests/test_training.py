@@ -166,3 +166,8 @@ def test_train_command_resume_with_other_settings_is_refused(tmp_path, tiny_curv
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main([*args, "--resume", "--epochs", "3"]) == 0  # more epochs: the same run, extended
     assert History.read_csv(out / "history.csv").column("epoch") == [0, 1, 2, 3]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "--resume", "--epochs", "1"]) == 2  # fewer: refused
+    assert "past the 2 steps of 1 epochs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
