@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from fisherlab.data import load_dataset
+from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats, KronSum, error1
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.precondition import KroneckerPreconditioner
@@ -222,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"problem": args.problem, "layer": args.layer, "updates": args.updates, "decay": args.decay}
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.what}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (args.out / f"{args.what}.md").write_text(text + "\n")
+        atomic_write(args.out / f"{args.what}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+        atomic_write(args.out / f"{args.what}.md", text + "\n")
     return 0
 
 
