@@ -32,20 +32,13 @@ from fisherlab.device import DEFAULT_DEVICE, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.io import atomic_write
 from fisherlab.loop import COLUMNS, Checkpoint, History, Loop, batch_indices, evaluate
-from fisherlab.optimizers import (
-    ADAM_BETAS,
-    SGD_MOMENTUM,
-    build_optimizer,
-    optimizer_names,
-)
+from fisherlab.optimizers import build_optimizer, optimizer_names
 from fisherlab.problems import Problem, get_problem
 
 __all__ = [
-    "ADAM_BETAS",
     "COLUMNS",
     "DTYPES",
     "OPTIMIZERS",
-    "SGD_MOMENTUM",
     "History",
     "TrainingRun",
     "batch_indices",

@@ -121,7 +121,7 @@ def read_histories(paths: list[Path]) -> dict[str, dict[str, list[float]]]:
     Raises:
         UserInputError: if a file is unreadable or not a training history.
     """
-    from fisherlab.training import History
+    from fisherlab.loop import History
 
     labels = [history_label(path) for path in paths]
     counts = Counter(labels)
