@@ -233,7 +233,8 @@ class Loop:
         self.history = History()
         self.step = 0  # updates taken
         self.seconds = 0.0
-        self._batch_losses: list[float] = []
+        self._batch_losses: list[float] = []  # since the last history row
+        self._last_loss: float | None = None
         self._stopped = False  # diverged: a non-finite batch loss, or training loss at an epoch's end
         # The generator's state at the start of the current epoch: the rest of the epoch's
         # batch order follows from it, so it is what a checkpoint keeps.
@@ -313,7 +314,7 @@ class Loop:
             bar.close()
         return self.history
 
-    def _one_step(self, x: Tensor, timed: bool) -> bool:
+    def _one_step(self, x: Tensor, keeps_history: bool) -> bool:
         step, model, problem, optimizer = self.step, self.model, self.problem, self.optimizer
 
         def closure() -> Tensor:
@@ -322,20 +323,21 @@ class Loop:
             loss.backward()
             return loss
 
-        if timed:
+        if keeps_history:  # the history's seconds are device time
             _sync(self.device)
         start = time.perf_counter()
         loss = float(optimizer.step(closure).detach())
-        if timed:
+        if keeps_history:
             _sync(self.device)
+            self._batch_losses.append(loss)
         self.seconds += time.perf_counter() - start
         self.step += 1
-        self._batch_losses.append(loss)
+        self._last_loss = loss
         return self.hook.after_step(step, step // self.steps_per_epoch, loss)
 
     def _log_due(self) -> bool:
         """Log the rows the step calls for; whether one was logged."""
-        if not math.isfinite(self._batch_losses[-1]):
+        if not math.isfinite(self._last_loss):
             self._log()
             self.history.diverged = self._stopped = True
             return True
@@ -373,8 +375,8 @@ class Loop:
         fields = dict(self.hook.postfix())
         if self.history.rows:
             fields.update(train=f"{self.history.rows[-1]['train_loss']:.4g}", val=f"{self.history.rows[-1]['val_loss']:.4g}")
-        elif self._batch_losses:
-            fields["loss"] = f"{self._batch_losses[-1]:.4g}"
+        elif self._last_loss is not None:
+            fields["loss"] = f"{self._last_loss:.4g}"
         return fields
 
 

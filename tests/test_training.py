@@ -119,10 +119,10 @@ def test_train_command_bad_input_is_one_line_and_status_2(tmp_path, tiny_curves,
 def _interrupt_at(monkeypatch, at_step):
     original = fisherlab.loop.Loop._one_step
 
-    def one_step(self, x, timed):
+    def one_step(self, x, keeps_history):
         if self.step == at_step:
             raise KeyboardInterrupt
-        return original(self, x, timed)
+        return original(self, x, keeps_history)
 
     monkeypatch.setattr(fisherlab.loop.Loop, "_one_step", one_step)
 
