@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 
 from fisherlab.data import load_dataset
+from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats, KronSum, error1
 from fisherlab.optim import PRESETS, NaturalGradient
+from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.probe import FisherProbe
 from fisherlab.problems import get_problem
 from fisherlab.training import build_optimizer
@@ -172,15 +174,16 @@ def average_study(name: str, layer: int, updates: int, decay: float, methods: tu
 
 
 class _Runner:
-    """Drives one layer's running approximation through the optimizer's own update code."""
+    """Drives one layer's running approximation through the preconditioner's own update code."""
 
     def __init__(self, method: str, average: str, decay: float):
         layer = torch.nn.Linear(1, 1)
-        self.opt = NaturalGradient(torch.nn.Sequential(layer), get_problem("1-1"), method=method, average=average, decay=decay)
+        self.pre = KroneckerPreconditioner(torch.nn.Sequential(layer), get_problem("1-1"), method=method, average=average,
+                                           decay=decay, kl_clip=None)
         self.state = {}
 
     def update(self, stats: BlockStats, rho: float) -> KronSum:
-        self.opt._refresh_layer(self.state, stats, rho)
+        self.pre._refresh_layer(self.state, stats, rho)
         return KronSum(self.state["approx_act"], self.state["approx_grad"])
 
 
@@ -220,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"problem": args.problem, "layer": args.layer, "updates": args.updates, "decay": args.decay}
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.what}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (args.out / f"{args.what}.md").write_text(text + "\n")
+        atomic_write(args.out / f"{args.what}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+        atomic_write(args.out / f"{args.what}.md", text + "\n")
     return 0
 
 

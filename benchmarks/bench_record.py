@@ -46,8 +46,9 @@ import torch
 
 from fisherlab.data import load_dataset
 from fisherlab.errors import UserInputError
+from fisherlab.loop import Checkpoint
 from fisherlab.problems import get_problem
-from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder, _save_checkpoint
+from fisherlab.record import CHECKPOINT_INTERVAL_S, Recorder
 from fisherlab.store import (
     COMPRESSION_NEEDS_PLUGIN,
     COMPRESSIONS,
@@ -82,11 +83,12 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compressions: list[
     model = problem.build_model(seed=0)
     adam = build_optimizer("adam", model, problem, lr=1e-3)
     layers = list(range(1, problem.num_layers + 1))
-    recorder = Recorder(model, problem, adam, layers)
-    shapes = recorder.probe.layer_shapes
+    # every=1 captures at every step, every=2 at none of the odd steps the unrecorded mode takes.
+    capturing, idle = Recorder(model, problem, layers, every=1), Recorder(model, problem, layers, every=2)
+    shapes = capturing.probe.layer_shapes
     files = {c: workdir / f"{name}-{c}.h5" for c in compressions}
     writers = {c: RunWriter(files[c], {"problem": name}, shapes, force=True, compression=c) for c in compressions}
-    ckpt = workdir / f"{name}.resume.pt"
+    ckpt = Checkpoint(workdir / f"{name}.resume.pt", {"problem": name})
     counter = iter(range(10**8))
     recorded = {c: [] for c in compressions}  # steps written, for the read timing
     recorded_bytes = {c: [] for c in compressions}
@@ -104,17 +106,27 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compressions: list[
 
         float(adam.step(closure).detach())
 
+    def loop_step(hook: Recorder, x: torch.Tensor, step: int) -> tuple[float, dict | None]:
+        # The step of fisherlab.loop.Loop with record's hook.
+        def closure() -> torch.Tensor:
+            adam.zero_grad(set_to_none=True)
+            loss = problem.loss(hook.forward(model, x, step), x)
+            loss.backward()
+            return loss
+
+        return float(adam.step(closure).detach()), hook.stats
+
     def write(compression: str, x: torch.Tensor) -> None:
         step = next(counter)
         out, writer = files[compression], writers[compression]
         size = out.stat().st_size
-        loss, stats = recorder.train_step(x, step, capture=True)
+        loss, stats = loop_step(capturing, x, 0)
         start = time.process_time()
         writer.write_step(step, 0, loss, stats, dense_budget=0)
         middle = time.process_time()
         write_cpu[compression].append(middle - start)
         if time.monotonic() - last_checkpoint[compression] >= CHECKPOINT_INTERVAL_S:  # record's policy
-            _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": adam.state_dict(), "next_step": step + 1})
+            ckpt.save({"model": model.state_dict(), "optimizer": adam.state_dict(), "step": step + 1})
             checkpoint_cpu.append(time.process_time() - middle)
             last_checkpoint[compression] = time.monotonic()
         recorded[compression].append(step)
@@ -122,8 +134,8 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compressions: list[
 
     run = {
         "plain Adam": plain,
-        "unrecorded": lambda x: recorder.train_step(x, 0, capture=False),
-        "capture": lambda x: recorder.train_step(x, 0, capture=True),
+        "unrecorded": lambda x: loop_step(idle, x, 1),
+        "capture": lambda x: loop_step(capturing, x, 0),
     }
     for c in compressions:
         run[f"write {c}"] = lambda x, c=c: write(c, x)
@@ -170,7 +182,7 @@ def bench(name: str, steps: int, dense: bool, workdir: Path, compressions: list[
         print(f"{c:<13}{mb:>9.2f}{mb / raw:>7.2f}{statistics.median(write_cpu[c]):>9.3f}{read:>9.3f}{ratio:>8.2f}  {plugin}")
 
     if dense:
-        loss, stats = recorder.train_step(batches[0], next(counter), capture=True)
+        loss, stats = loop_step(capturing, batches[0], 0)
         admitted = [i for i, s in stats.items() if 4 * s.p**2 <= DEFAULT_DENSE_BUDGET]
         dense_raw = sum(4 * stats[i].p ** 2 for i in admitted) / 1e6
         print(f"\none recorded step with the dense blocks of the default budget (layers {admitted}, "

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherlab.errors import UserInputError
+from fisherlab.io import atomic_write
 from fisherlab.kron import METHODS, ExactReference, FitResult, current_name, fit, kronecker_svd
 from fisherlab.store import RunReader
 
@@ -180,13 +181,13 @@ class _Analysis:
 def write_table(reader: RunReader, path: Path) -> Path:
     """Rebuild ``errors.csv`` from every complete result in the run file (atomic replace)."""
     rows = results_table(reader)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+
+    def write(fh) -> None:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write, text=True)
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:

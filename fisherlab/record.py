@@ -12,7 +12,8 @@ statistics recorded "at step ``s``" are taken at those parameters on the batch o
 backward, the optimizer step. The probe never touches ``.grad`` and draws its Monte-Carlo
 targets from a generator of its own, seeded from ``(seed, s)``, so a recorded run follows
 exactly the trajectory of an unrecorded one, and of ``fisherlab train`` with the same
-optimizer, batch size and seed (the batches come from :mod:`fisherlab.training`'s iterator).
+optimizer, batch size and seed: both are :class:`fisherlab.loop.Loop`, recording adds the
+:class:`Recorder` hook.
 The step's ``epoch`` attribute is the number of completed epochs, ``s // steps_per_epoch``;
 ``loss`` is the training loss of the batch.
 
@@ -22,9 +23,9 @@ and the Monte-Carlo targets of step ``s`` from a generator seeded from ``(seed, 
 seed gives the same file on a given device.
 
 Resuming. After a recorded step, at most every :data:`CHECKPOINT_INTERVAL_S` seconds, and at
-the end of the run, the model, the optimizer state and the batch generator's state are saved
-atomically (temporary file + rename) to
-``<out stem>.resume.pt`` beside the run file (:func:`checkpoint_path`). ``resume=True``
+the end of the run, the loop's checkpoint (:class:`fisherlab.loop.Checkpoint`: the model, the
+optimizer state and the batch generator's state, tied to the run's config) is saved
+atomically to ``<out stem>.resume.pt`` beside the run file (:func:`checkpoint_path`). ``resume=True``
 restores them and continues after the checkpointed step; recorded steps already in the
 file are not written again. Without a usable checkpoint it replays the run from step 0,
 which gives the same steps because the run is deterministic. The run's length is not part
@@ -40,9 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
-import time
 from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
@@ -52,8 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab.data import Dataset, load_dataset
+from fisherlab.device import DEFAULT_DEVICE, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
+from fisherlab.loop import Checkpoint, Hook, Loop
+from fisherlab.optimizers import build_optimizer
 from fisherlab.probe import FISHER_TYPES, FisherProbe
 from fisherlab.problems import Problem, get_problem
 from fisherlab.store import (
@@ -62,7 +64,6 @@ from fisherlab.store import (
     DEFAULT_DENSE_BUDGET,
     RunWriter,
 )
-from fisherlab.training import batch_indices, build_optimizer
 
 #: Optimizers ``record`` drives (the natural-gradient ones run a probe of their own).
 OPTIMIZERS = ("adam", "sgd")
@@ -80,13 +81,10 @@ CHECKPOINT_INTERVAL_S = 30.0
 SYNTHETIC_SIZES = (1024, 256)
 SYNTHETIC_SEED = 0
 
-_CHECKPOINT_FORMAT = "fisherlab.record-checkpoint"
 _STEP_LIMIT = 10**8  # the store names steps with 8 digits
 _MC_STREAM = 0x4D43  # separates the Monte-Carlo seeds from any other use of the run's seed
 # Implementation switches of torch optimizers: they do not change the arithmetic's meaning.
 _IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable"}
-# Meta entries of the data loaders that describe a particular call, not the data set.
-_VOLATILE_META = {"cache_hit", "generation_seconds"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -188,79 +186,89 @@ def _mc_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence((seed, _MC_STREAM, step)).generate_state(2, np.uint64)[0])
 
 
-class Recorder:
-    """One training step of a model, with the Fisher statistics captured on request.
+class Recorder(Hook):
+    """The :class:`~fisherlab.loop.Hook` that records: the loop's steps, with the Fisher
+    statistics captured at steps ``0, every, 2·every, …`` and written to the run file.
 
-    The step is: zero the gradients, forward pass, (probe capture), training loss
-    backward, optimizer step, the order :class:`~fisherlab.probe.FisherProbe` documents.
-    The hooks are attached only during a capturing step, so other steps cost what plain
-    training costs.
+    On a capturing step the forward pass runs inside the probe and its extra backward pass
+    follows at once, before the training loss's backward pass (the order
+    :class:`~fisherlab.probe.FisherProbe` documents); other steps cost what plain training
+    costs.
 
     Args:
         model: the network, whose ``nn.Linear`` layers are layers ``1 … L``.
-        problem: gives the training loss, the per-example loss and the target sampler.
-        optimizer: a torch optimizer over ``model``'s parameters.
+        problem: gives the per-example loss and the target sampler.
         layers: 1-based indices of the layers to capture.
+        writer: the run file (None: :meth:`forward` captures, nothing is written).
+        every: capture every this many steps.
+        dense_budget: bytes allowed per dense block written.
         fisher: ``"mc"`` (targets drawn from the model) or ``"empirical"`` (the data).
         mc_samples: target draws per example for ``"mc"``.
         seed: the run's seed; step ``s`` draws its targets from a generator seeded from
             ``(seed, s)``.
+
+    Attributes:
+        stats: the statistics of the last capturing step, ``{layer: BlockStats}``, or None.
     """
 
     def __init__(
         self,
         model: nn.Module,
         problem: Problem,
-        optimizer: torch.optim.Optimizer,
         layers: Iterable[int],
         *,
+        writer: RunWriter | None = None,
+        every: int = DEFAULT_EVERY,
+        dense_budget: int = 0,
         fisher: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
     ):
-        self.model = model
         self.problem = problem
-        self.optimizer = optimizer
         self.probe = FisherProbe(model, layers)
+        self.writer, self.every, self.dense_budget = writer, every, dense_budget
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.seed = seed
+        self.stats: dict[int, BlockStats] | None = None
 
-    def train_step(self, x: Tensor, step: int, capture: bool = False) -> tuple[float, dict[int, BlockStats] | None]:
-        """Take optimizer step ``step + 1`` on the auto-encoder batch ``x`` (targets = inputs).
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` is captured: a multiple of ``every`` not in the file yet."""
+        done = None if self.writer is None else self.writer.last_step
+        return step % self.every == 0 and (done is None or step > done)
 
-        Args:
-            x: the batch, on the model's device.
-            step: updates taken so far (selects the Monte-Carlo seed).
-            capture: also return the statistics at the current parameters.
+    def forward(self, model: nn.Module, x: Tensor, step: int) -> Tensor:
+        """The forward pass of step ``step``, with the statistics captured when due."""
+        self.stats = None
+        if not self.due(step):
+            return model(x)
+        with self.probe as probe:
+            output = model(x)
+            if self.fisher == "mc":
+                generator = torch.Generator(device=x.device).manual_seed(_mc_seed(self.seed, step))
+                targets = self.problem.sample_targets
+            else:
+                generator, targets = None, x
+            self.stats = probe.capture(
+                output,
+                targets,
+                self.problem.per_example_loss,
+                fisher=self.fisher,
+                mc_samples=self.mc_samples,
+                generator=generator,
+            )
+        return output
 
-        Returns:
-            ``(training loss of the batch, {layer: BlockStats} or None)``.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = None
-        if capture:
-            with self.probe as probe:
-                output = self.model(x)
-                if self.fisher == "mc":
-                    generator = torch.Generator(device=x.device).manual_seed(_mc_seed(self.seed, step))
-                    targets = self.problem.sample_targets
-                else:
-                    generator, targets = None, x
-                stats = probe.capture(
-                    output,
-                    targets,
-                    self.problem.per_example_loss,
-                    fisher=self.fisher,
-                    mc_samples=self.mc_samples,
-                    generator=generator,
-                )
-        else:
-            output = self.model(x)
-        loss = self.problem.loss(output, x)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach()), stats
+    def after_step(self, step: int, epoch: int, loss: float) -> bool:
+        """Write the captured step; a written step asks for a checkpoint."""
+        if self.stats is None or self.writer is None:
+            return False
+        self.writer.write_step(step, epoch, loss, self.stats, self.dense_budget)
+        self.stats = None
+        return True
+
+    def postfix(self) -> dict:
+        return {"recorded": None if self.writer is None else self.writer.last_step}
 
 
 def _check_positive(name: str, value) -> None:
@@ -282,29 +290,6 @@ def _check_output(out: Path, force: bool, resume: bool) -> None:
         raise UserInputError(f"run file {out} already exists; overwrite it with force or continue it with resume")
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _load_checkpoint(path: Path, config_json: str, device: torch.device) -> dict | None:
-    """The checkpoint if it belongs to this configuration, else None (then the run replays)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):  # a damaged one costs a replay
-        return None
-    if state.get("format") != _CHECKPOINT_FORMAT or state.get("config") != config_json:
-        return None
-    return state
-
-
 def record(
     problem: str = "curves",
     out: str | os.PathLike = "run.h5",
@@ -322,7 +307,7 @@ def record(
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     force: bool = False,
     resume: bool = False,
     compression: str = DEFAULT_COMPRESSION,
@@ -358,7 +343,7 @@ def record(
         seed: seed of the weights, the batch order and the Monte-Carlo targets.
         data_dir: directory with the original data files (see :mod:`fisherlab.data`).
         cache_dir: cache of regenerated data sets (CURVES, FACES).
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`fisherlab.device.resolve_device`).
         force: overwrite an existing ``out``.
         resume: continue ``out`` from its last checkpoint (create it if missing).
         compression: of the HDF5 datasets: ``"lzf"`` (default; plain h5py reads it),
@@ -407,10 +392,7 @@ def record(
         raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
     chosen = parse_layers(layers, prob.num_layers)
     budget = parse_size(dense_budget)
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise UserInputError(f"unknown device {device!r}; use cpu or cuda")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError("device cuda requested but no CUDA device is available")
+    dev = resolve_device(device)
     out = Path(out)
     _check_output(out, force, resume)
 
@@ -430,7 +412,6 @@ def record(
         if steps > _STEP_LIMIT:
             raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
 
-    dev = torch.device(device)
     model = prob.build_model(seed=seed, device=dev)
     opt = build_optimizer(optimizer, model, prob, lr=float(lr))
     settings = {k: v for k, v in opt.defaults.items() if k not in _IMPLEMENTATION_KEYS}
@@ -446,111 +427,41 @@ def record(
         "mc_samples": int(mc_samples),
         "every": int(every),
         "layers": chosen,
-        "dataset": {k: v for k, v in data.meta.items() if k not in _VOLATILE_META},
+        "dataset": data.provenance(),
         "dtype": "float32",
         "steps_per_epoch": steps_per_epoch,
         "recorded_at": "step s: parameters after s updates, batch of update s+1, before that update",
     }
     config_json = json.dumps(config, sort_keys=True, default=str)
     config = json.loads(config_json)  # plain JSON types, as the file will hold them
-    recorder = Recorder(model, prob, opt, chosen, fisher=fisher, mc_samples=int(mc_samples), seed=int(seed))
-    ckpt_path = checkpoint_path(out)
+    checkpoint = Checkpoint(checkpoint_path(out), config)
     fresh = not (resume and out.exists())
-
+    recorder = Recorder(model, prob, chosen, every=int(every), dense_budget=budget, fisher=fisher,
+                        mc_samples=int(mc_samples), seed=int(seed))
     writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume, compression=compression)
+    recorder.writer = writer
     if force:
-        ckpt_path.unlink(missing_ok=True)
+        checkpoint.remove()
+    # Checkpoints cost about as much as a CURVES step: at most one per interval, after a
+    # recorded step; a resume replays the few steps since the last one (the run is deterministic).
+    loop = Loop(model, prob, opt, data.train.to(dev), batch_size=batch_size, steps=steps, seed=int(seed),
+                hook=recorder, checkpoint=checkpoint, checkpoint_interval=CHECKPOINT_INTERVAL_S, progress=progress)
     try:
-        _run(
-            recorder,
-            writer,
-            data.train.to(dev),
-            ckpt_path=ckpt_path,
-            config_json=config_json,
-            steps=steps,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            every=every,
-            dense_budget=budget,
-            progress=progress,
-        )
+        if not fresh:
+            done = writer.last_step  # steps <= done are in the file already
+            first_missing = 0 if done is None else (done // every + 1) * every
+            state = checkpoint.load(dev)
+            # A checkpoint past the first missing step (from another run of this file) would skip it.
+            if state is not None and state["step"] <= first_missing:
+                loop.load_state_dict(state)
+        loop.run()
     except BaseException:
         recorded_any = writer.last_step is not None
         writer.close(finished=False)
         if fresh and not recorded_any:  # an empty file would look like a run; keep nothing
             with suppress(OSError):
                 out.unlink()
-                ckpt_path.unlink(missing_ok=True)
+                checkpoint.remove()
         raise
     writer.close(finished=True)
     return out
-
-
-def _run(
-    recorder: Recorder,
-    writer: RunWriter,
-    train: Tensor,
-    *,
-    ckpt_path: Path,
-    config_json: str,
-    steps: int,
-    steps_per_epoch: int,
-    batch_size: int,
-    every: int,
-    dense_budget: int,
-    progress: bool,
-) -> None:
-    from tqdm import tqdm
-
-    device = train.device
-    generator = torch.Generator().manual_seed(recorder.seed)  # the batch order, as fisherlab.training
-    done = writer.last_step  # steps <= done are in the file already
-    first_missing = 0 if done is None else (done // every + 1) * every
-    state = _load_checkpoint(ckpt_path, config_json, device)
-    step = 0
-    # A checkpoint past the first missing step (from another run of this file) would skip it.
-    if state is not None and state["next_step"] <= first_missing:
-        recorder.model.load_state_dict(state["model"])
-        recorder.optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["epoch_rng"].cpu())
-        step = int(state["next_step"])
-
-    bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step", dynamic_ncols=True)
-    last_checkpoint = time.monotonic()
-    try:
-        while step < steps:
-            epoch = step // steps_per_epoch
-            epoch_rng = generator.get_state()
-            skip = step - epoch * steps_per_epoch
-            for position, index in enumerate(batch_indices(train.shape[0], batch_size, generator)):
-                if position < skip:
-                    continue
-                capture = step % every == 0 and (done is None or step > done)
-                loss, stats = recorder.train_step(train[index.to(device)], step, capture)
-                if capture:
-                    writer.write_step(step, epoch, loss, stats, dense_budget)
-                step += 1
-                # Checkpoints cost about as much as a CURVES step: at most one per interval;
-                # a resume replays the few steps since the last one (the run is deterministic).
-                due = capture and time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL_S
-                if due or step == steps:
-                    last_checkpoint = time.monotonic()
-                    # The batch order of the rest of this epoch follows from the state at its start.
-                    rng = generator.get_state() if step % steps_per_epoch == 0 else epoch_rng
-                    _save_checkpoint(
-                        ckpt_path,
-                        {
-                            "format": _CHECKPOINT_FORMAT,
-                            "config": config_json,
-                            "next_step": step,
-                            "model": recorder.model.state_dict(),
-                            "optimizer": recorder.optimizer.state_dict(),
-                            "epoch_rng": rng,
-                        },
-                    )
-                bar.set_postfix(loss=f"{loss:.4g}", recorded=writer.last_step, refresh=False)
-                bar.update()
-                if step == steps:
-                    break
-    finally:
-        bar.close()

@@ -1,156 +1,60 @@
-"""The training loop behind ``fisherlab train`` and Figure 2: optimizers by name, a loss history.
+"""Training runs behind ``fisherlab train`` and Figure 2: the loop with a loss history, and its files.
 
-Every optimizer takes the same step, ``optimizer.step(closure)`` with a closure that runs the
-forward pass, the auto-encoder loss (the batch mean of the per-example negative
-log-likelihood, :meth:`fisherlab.problems.Problem.loss`) and the backward pass; the
-natural-gradient optimizers run their extra backward pass inside it.
+:func:`train` runs :class:`fisherlab.loop.Loop` for whole epochs and returns the
+:class:`~fisherlab.loop.History` (its rows are documented in :mod:`fisherlab.loop`).
+:func:`run_training` is the whole command: it loads the data, builds the model and the
+optimizer, trains, and writes into a directory
 
-The history has one row before training (epoch 0, step 0), one after every ``log_every``
-steps if asked, and one at the end of every epoch. ``train_loss`` and ``val_loss`` are the
-losses of the whole training and validation sets at that moment; ``batch_loss`` is the mean
-mini-batch loss since the previous row; ``seconds`` is the wall-clock time spent training
-(evaluation excluded, CUDA synchronised), so losses can be drawn against time.
+- ``history.csv``: the rows (columns :data:`~fisherlab.loop.COLUMNS`); while the run goes
+  they are kept in ``history.partial.csv``, and ``history.csv`` appears only when the run
+  has finished, so a killed run never looks complete;
+- ``run.json``: every setting, the data set's provenance, the optimizer's diagnostics and
+  whether the run diverged;
+- ``checkpoint.pt``: the state to resume from, saved after every history row (see
+  :class:`fisherlab.loop.Checkpoint`); ``resume=True`` continues from it, bit for bit, and
+  a finished run can be extended to more epochs the same way.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import os
+import json
+import platform
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fisherlab import __version__
+from fisherlab.device import DEFAULT_DEVICE, resolve_device
 from fisherlab.errors import UserInputError
-from fisherlab.optim import PRESETS, NaturalGradient
-from fisherlab.problems import Problem
+from fisherlab.io import atomic_write
+from fisherlab.loop import COLUMNS, Checkpoint, History, Loop, batch_indices, evaluate
+from fisherlab.optimizers import build_optimizer, optimizer_names
+from fisherlab.problems import Problem, get_problem
+
+__all__ = [
+    "COLUMNS",
+    "DTYPES",
+    "OPTIMIZERS",
+    "History",
+    "TrainingRun",
+    "batch_indices",
+    "build_optimizer",
+    "evaluate",
+    "run_training",
+    "train",
+]
 
 #: Optimizers by name: the two baselines and the paper's five natural-gradient presets.
-OPTIMIZERS = ("sgd", "adam", *PRESETS)
-#: Columns of ``history.csv``, in order.
-COLUMNS = ("epoch", "step", "seconds", "train_loss", "val_loss", "batch_loss", "lr")
-#: The paper's baselines (§4): SGD with momentum 0.9, Adam with betas (0.9, 0.999).
-SGD_MOMENTUM = 0.9
-ADAM_BETAS = (0.9, 0.999)
-
-
-@dataclass
-class History:
-    """Rows of ``COLUMNS``; ``diverged`` is set when a loss stopped being finite."""
-
-    rows: list[dict] = field(default_factory=list)
-    diverged: bool = False
-
-    def column(self, name: str) -> list[float]:
-        """The values of one column, row by row."""
-        return [row[name] for row in self.rows]
-
-    def as_dict(self) -> dict[str, list[float]]:
-        """``{column: values}``, the form :func:`fisherlab.plots.training.plot_histories` takes."""
-        return {name: self.column(name) for name in COLUMNS}
-
-    def write_csv(self, path: str | os.PathLike) -> None:
-        """Write the rows to ``path`` (via a temporary file, so it is never torn)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, path)
-
-    @classmethod
-    def read_csv(cls, path: str | os.PathLike) -> History:
-        """Read a ``history.csv`` written by :meth:`write_csv`.
-
-        Raises:
-            UserInputError: if the file lacks one of the columns.
-        """
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = set(COLUMNS) - set(reader.fieldnames or ())
-            if missing:
-                raise UserInputError(f"{path} is not a training history: no column {', '.join(sorted(missing))}")
-            rows = [{k: (int(row[k]) if k in ("epoch", "step") else float(row[k])) for k in COLUMNS} for row in reader]
-        history = cls(rows)
-        history.diverged = any(not math.isfinite(r["train_loss"]) for r in rows)
-        return history
-
-
-def build_optimizer(
-    name: str,
-    model: nn.Module,
-    problem: Problem,
-    *,
-    lr: float,
-    damping: float = 1e-3,
-    clip: float | None = 1e-3,
-    t1: int = 100,
-    t2: int = 100,
-    momentum: float | None = None,
-    weight_decay: float = 0.0,
-    average: str = "block",
-    mc_samples: int = 1,
-    seed: int = 0,
-    fit_options: dict | None = None,
-) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) over all of ``model``'s parameters.
-
-    ``damping``, ``clip`` (KL-clipping c, None for none), ``t1``, ``t2``, ``average``,
-    ``mc_samples`` and ``fit_options`` apply to the natural-gradient optimizers only.
-    ``momentum`` defaults to 0.9 for SGD and 0 for the natural-gradient optimizers (the
-    paper's settings); Adam uses betas (0.9, 0.999).
-
-    Raises:
-        UserInputError: for an unknown name or an invalid setting.
-    """
-    try:
-        if name == "sgd":
-            mom = SGD_MOMENTUM if momentum is None else momentum
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=mom, weight_decay=weight_decay)
-        if name == "adam":
-            return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay)
-        if name in PRESETS:
-            return NaturalGradient.from_preset(
-                name,
-                model,
-                problem,
-                lr=lr,
-                damping=damping,
-                kl_clip=clip,
-                t_stats=t1,
-                t_inv=t2,
-                momentum=0.0 if momentum is None else momentum,
-                weight_decay=weight_decay,
-                average=average,
-                mc_samples=mc_samples,
-                fit_options=fit_options,
-                seed=seed,
-            )
-    except ValueError as exc:
-        raise UserInputError(f"{name}: {exc}") from exc
-    raise UserInputError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, problem: Problem, data: Tensor, chunk: int = 4096) -> float:
-    """Mean per-example loss of the auto-encoder on ``data`` (targets = inputs)."""
-    total = 0.0
-    for start in range(0, data.shape[0], chunk):
-        x = data[start : start + chunk]
-        total += float(problem.per_example_loss(model(x), x).sum())
-    return total / data.shape[0]
-
-
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    # Incomplete last batches are dropped: every Fisher estimate uses the same batch size.
-    perm = torch.randperm(n, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield perm[start : start + batch_size]
+OPTIMIZERS = optimizer_names()
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: File names inside a run directory.
+HISTORY, PARTIAL, RUN_JSON, CHECKPOINT = "history.csv", "history.partial.csv", "run.json", "checkpoint.pt"
+# Settings that do not change a run's numbers: a resume may change them.
+_RESUMABLE = {"epochs", "out", "data_dir", "cache_dir"}
 
 
 def train(
@@ -166,8 +70,11 @@ def train(
     log_every: int = 0,
     progress: bool = True,
     on_row: Callable[[History], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
 ) -> History:
-    """Train the auto-encoder ``model`` and return its loss history.
+    """Train the auto-encoder ``model`` for ``epochs`` epochs and return its loss history.
 
     Args:
         train_data, val_data: one example a row, on the model's device and in its dtype.
@@ -177,79 +84,166 @@ def train(
         log_every: also log every this many steps (0: at epoch ends only).
         progress: show a tqdm progress bar.
         on_row: called with the history after every new row (to save it as it grows).
+        checkpoint: where to save the state after every row and at the end.
+        resume: continue from ``checkpoint`` where it holds a state.
+        stop_at: pause after this many steps (a checkpoint is saved; resume continues).
 
     Raises:
-        UserInputError: if the batch size exceeds the training set or a setting is invalid.
+        UserInputError: if the batch size exceeds the training set, a setting is invalid,
+            or the checkpoint was saved with other settings.
     """
-    if epochs < 1 or batch_size < 1 or log_every < 0:
-        raise UserInputError(f"need epochs >= 1, batch_size >= 1, log_every >= 0; got {epochs}, {batch_size}, {log_every}")
+    if epochs < 1 or batch_size < 1:
+        raise UserInputError(f"need epochs >= 1 and batch_size >= 1; got {epochs}, {batch_size}")
     if batch_size > train_data.shape[0]:
         raise UserInputError(f"batch size {batch_size} exceeds the {train_data.shape[0]} training examples")
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    history = History()
-    seconds, step, batch_losses = 0.0, 0, []
-
-    def log(epoch: int) -> None:
-        model.eval()
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "seconds": seconds,
-            "train_loss": evaluate(model, problem, train_data),
-            "val_loss": evaluate(model, problem, val_data),
-            "batch_loss": sum(batch_losses) / len(batch_losses) if batch_losses else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        model.train()
-        batch_losses.clear()
-        history.rows.append(row)
-        history.diverged = not math.isfinite(row["train_loss"])
-        if on_row is not None:
-            on_row(history)
-
-    log(0)
-    steps_per_epoch = train_data.shape[0] // batch_size
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
-    try:
-        for epoch in range(1, epochs + 1):
-            for index in batch_indices(train_data.shape[0], batch_size, generator):
-                x = train_data[index.to(device)]
-
-                def closure(x: Tensor = x) -> Tensor:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = problem.loss(model(x), x)
-                    loss.backward()
-                    return loss
-
-                _sync(device)
-                start = time.perf_counter()
-                loss = optimizer.step(closure)
-                _sync(device)
-                seconds += time.perf_counter() - start
-                step += 1
-                batch_losses.append(float(loss.detach()))
-                bar.update()
-                if not math.isfinite(batch_losses[-1]):
-                    log(epoch)
-                    history.diverged = True
-                    return history
-                if log_every and step % log_every == 0:
-                    log(epoch)
-                    bar.set_postfix(train=f"{history.rows[-1]['train_loss']:.4g}", val=f"{history.rows[-1]['val_loss']:.4g}")
-            if not (log_every and step % log_every == 0):
-                log(epoch)
-            bar.set_postfix(train=f"{history.rows[-1]['train_loss']:.4g}", val=f"{history.rows[-1]['val_loss']:.4g}")
-            if history.diverged:
-                return history
-    finally:
-        bar.close()
-    return history
+    loop = Loop(model, problem, optimizer, train_data, batch_size=batch_size,
+                steps=epochs * (train_data.shape[0] // batch_size), seed=seed, val_data=val_data,
+                log_every=log_every, checkpoint=checkpoint, on_row=on_row, progress=progress)
+    if resume and checkpoint is not None:
+        state = _resumable(checkpoint, train_data.device, loop.steps, epochs)
+        if state is not None:
+            loop.load_state_dict(state)
+    return loop.run(stop_at)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _resumable(checkpoint: Checkpoint, device: torch.device, steps: int, epochs: int) -> dict | None:
+    """The checkpoint's state if a run of ``steps`` steps can continue from it.
 
+    Raises:
+        UserInputError: if it was saved with other settings or is past ``steps``.
+    """
+    state = checkpoint.load(device)
+    if state is not None and state["step"] > steps:
+        raise UserInputError(
+            f"cannot resume from {checkpoint.path}: it is at step {state['step']}, past the {steps} steps of {epochs} epochs"
+        )
+    return state
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`run_training` did: the history, the directory and the ``run.json`` record."""
+
+    history: History
+    out: Path
+    record: dict
+
+
+def run_training(
+    problem: str,
+    optimizer: str,
+    out: str | Path,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    damping: float = 1e-3,
+    clip: float | None = 1e-3,
+    t1: int = 100,
+    t2: int = 100,
+    momentum: float | None = None,
+    weight_decay: float = 0.0,
+    average: str = "block",
+    mc_samples: int = 1,
+    batch_size: int | None = None,
+    train_subset: int | None = None,
+    log_every: int = 0,
+    seed: int = 0,
+    device: str = DEFAULT_DEVICE,
+    dtype: str = "float32",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainingRun:
+    """Train a benchmark auto-encoder and write its files into ``out`` (module docstring).
+
+    Args:
+        problem: ``curves``, ``mnist`` or ``faces``.
+        optimizer: a name of :data:`OPTIMIZERS`; ``lr`` … ``mc_samples`` go to
+            :func:`build_optimizer`.
+        out: the run directory (created if missing).
+        epochs: passes over the training set.
+        batch_size: default: the paper's for the problem.
+        train_subset: use only the first N training examples.
+        log_every: also log every N steps (0: per epoch only).
+        seed: seed of the weights, the batch order and the Monte-Carlo targets.
+        device: see :func:`fisherlab.device.resolve_device`.
+        dtype: ``float32`` or ``float64``.
+        data_dir, cache_dir: see :func:`fisherlab.data.load_dataset`.
+        force: overwrite a finished run in ``out``.
+        resume: continue the run in ``out`` from its checkpoint (start it if there is none).
+        progress: show a progress bar.
+
+    Raises:
+        UserInputError: for invalid settings, a finished run in ``out`` without ``force`` or
+            ``resume``, or a checkpoint saved with other settings; nothing is changed on disk then.
+    """
+    from fisherlab.data import load_dataset
+
+    prob = get_problem(problem)
+    if prob.dataset is None:
+        raise UserInputError(f"problem {prob.name!r} has no data set; use curves, mnist or faces")
+    if optimizer not in OPTIMIZERS:
+        raise UserInputError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if dtype not in DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if log_every < 0:
+        raise UserInputError(f"log_every must be nonnegative, got {log_every}")
+    if force and resume:
+        raise UserInputError("choose one of force (overwrite) and resume (continue)")
+    out = Path(out)
+    if (out / HISTORY).exists() and not (force or resume):
+        raise UserInputError(f"{out / HISTORY} exists; pass --force to overwrite it or --resume to continue it")
+    dev = resolve_device(device)
+
+    dataset = load_dataset(prob.dataset, data_dir, cache_dir)
+    torch_dtype = DTYPES[dtype]
+    train_data = dataset.train if train_subset is None else dataset.train[:train_subset]
+    train_data = train_data.to(device=dev, dtype=torch_dtype)
+    val_data = dataset.val.to(device=dev, dtype=torch_dtype)
+    batch_size = batch_size or prob.batch_size
+
+    settings = {
+        "problem": prob.name, "optimizer": optimizer, "out": str(out), "epochs": epochs, "lr": lr,
+        "damping": damping, "clip": clip, "t1": t1, "t2": t2, "momentum": momentum, "weight_decay": weight_decay,
+        "average": average, "mc_samples": mc_samples, "batch_size": batch_size, "train_subset": train_subset,
+        "log_every": log_every, "seed": seed, "device": str(dev), "dtype": dtype,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "cache_dir": None if cache_dir is None else str(cache_dir), "n_train": int(train_data.shape[0]),
+    }
+    checkpoint = Checkpoint(
+        out / CHECKPOINT,
+        {**{k: v for k, v in settings.items() if k not in _RESUMABLE}, "dataset": dataset.provenance()},
+    )
+    if resume:  # refuse other settings or fewer epochs before anything is changed
+        _resumable(checkpoint, dev, epochs * (train_data.shape[0] // batch_size), epochs)
+
+    torch.manual_seed(seed)
+    model = prob.build_model(seed=seed, dtype=torch_dtype, device=dev)
+    opt = build_optimizer(optimizer, model, prob, lr=lr, damping=damping, clip=clip, t1=t1, t2=t2, momentum=momentum,
+                          weight_decay=weight_decay, average=average, mc_samples=mc_samples, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HISTORY).unlink(missing_ok=True)
+    if force:
+        checkpoint.remove()
+    partial = out / PARTIAL
+    record = {
+        "fisherlab_version": __version__,
+        "torch_version": torch.__version__,
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": settings,
+        "dataset": dataset.meta,
+    }
+    history = train(model, prob, opt, train_data, val_data, epochs=epochs, batch_size=batch_size, seed=seed,
+                    log_every=log_every, progress=progress, on_row=lambda h: h.write_csv(partial),
+                    checkpoint=checkpoint, resume=resume)
+    diagnostics = getattr(opt, "diagnostics", None)
+    record.update(diverged=history.diverged, final=history.rows[-1])
+    if is_dataclass(diagnostics):
+        record["diagnostics"] = asdict(diagnostics)
+    atomic_write(out / RUN_JSON, json.dumps(record, indent=1, default=str))
+    history.write_csv(out / HISTORY)
+    partial.unlink(missing_ok=True)
+    return TrainingRun(history, out, record)

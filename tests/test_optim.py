@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import fisherlab.optim as optim_module
+import fisherlab.precondition as precondition_module
 from fisherlab.kron.layout import rearrange, unvec, vec, weight_from_linear
 from fisherlab.kron.solve import FactorizationError
 from fisherlab.kron import METHODS
 from fisherlab.optim import PRESETS, NaturalGradient
+from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.problems import get_problem
 from fisherlab.training import OPTIMIZERS, build_optimizer
 
@@ -302,7 +303,7 @@ def test_failed_fit_falls_back_to_kfac_warns_once_and_counts(monkeypatch):
     def broken(*args, **kwargs):
         raise FactorizationError("eigh failed (test)")
 
-    monkeypatch.setattr(optim_module, "fit", broken)
+    monkeypatch.setattr(precondition_module, "fit", broken)
     model = SMALL.build_model(seed=0)
     opt = NaturalGradient(model, SMALL, method="deflation", lr=0.1, damping=1e-2, t_stats=1, t_inv=1)
     with warnings.catch_warnings(record=True) as caught:
@@ -317,7 +318,7 @@ def test_failed_inverse_falls_back_to_the_gradient(monkeypatch):
     def broken(*args, **kwargs):
         raise FactorizationError("not positive definite (test)")
 
-    monkeypatch.setattr(optim_module, "damped_inverse", broken)
+    monkeypatch.setattr(precondition_module, "damped_inverse", broken)
     model = SMALL.build_model(seed=0)
     opt = NaturalGradient(model, SMALL, method="kpsvd", lr=0.1, damping=1e-2, t_stats=1, t_inv=1)
     with pytest.warns(RuntimeWarning):
@@ -382,23 +383,23 @@ def test_moving_average_weight_follows_min_one_minus_one_over_k_and_alpha():
     model = SMALL.build_model(seed=0)
     opt = NaturalGradient(model, SMALL, decay=0.6, t_stats=1, t_inv=1, lr=1e-3, damping=1e-2)
     seen = []
-    original = optim_module.FisherProbe.capture
+    original = precondition_module.FisherProbe.capture
 
     def spy(self, *args, **kwargs):
         stats = original(self, *args, **kwargs)
         seen.append(stats[1].kfac_factors()[0])
         return stats
 
-    optim_module.FisherProbe.capture = spy
+    precondition_module.FisherProbe.capture = spy
     try:
         _run(opt, model, _batches(4))
     finally:
-        optim_module.FisherProbe.capture = original
+        precondition_module.FisherProbe.capture = original
     running = seen[0]
     for k, batch in enumerate(seen[1:], start=2):
         rho = min(1 - 1 / k, 0.6)
         running = rho * running + (1 - rho) * batch
-    torch.testing.assert_close(opt.state[opt.layers[1].weight]["kfac_act"], running)
+    torch.testing.assert_close(opt.preconditioner.state[1]["kfac_act"], running)
 
 
 def test_presets_name_the_paper_methods():
@@ -408,3 +409,103 @@ def test_presets_name_the_paper_methods():
     assert (opt.config.method, opt.config.rank) == ("lanczos", 2)
     with pytest.raises(ValueError, match="unknown preset"):
         NaturalGradient.from_preset("newton", SMALL.build_model(), SMALL)
+
+
+# -- the preconditioner on its own -----------------------------------------------------------
+def _loose(method):
+    return {} if method == "kfac" else {"tol": 1e-4}
+
+
+def _pre(model, method, **kw):
+    settings = dict(method=method, damping=1e-2, lr=0.5, kl_clip=1e-2, t_stats=2, t_inv=3, fit_options=_loose(method))
+    settings.update(kw)
+    return KroneckerPreconditioner(model, SMALL, **settings)
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_natural_gradient_is_the_preconditioner_followed_by_sgd(method):
+    # NaturalGradient's rule is SGD's (v ← μv + g + ωW, W ← W − ηv); with η, μ, ω powers of
+    # two every product is exact, so both round the same sums and agree bit for bit.
+    settings = dict(lr=0.5, momentum=0.5, weight_decay=0.25)
+    batches = _batches(7)
+    model = SMALL.build_model(seed=0)
+    ng = NaturalGradient(model, SMALL, method=method, damping=1e-2, kl_clip=1e-2, t_stats=2, t_inv=3,
+                         fit_options=_loose(method), **settings)
+    _run(ng, model, batches)
+    other = SMALL.build_model(seed=0)
+    sgd = torch.optim.SGD(other.parameters(), **settings)
+    pre = _pre(other, method)
+    for x in batches:
+        pre.step(_closure(sgd, other, x, SMALL))
+        sgd.step()
+    assert ng.diagnostics.steps == pre.diagnostics.steps == 7 and 0 < pre.diagnostics.kl_scale
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_preconditioner_writes_the_damped_natural_gradient_into_grad():
+    # One step from a fresh model: .grad becomes (F̂ + λ)⁻¹ ∇ of the dense reference, the
+    # rest of the model's gradients are left alone and nothing is updated.
+    model = PROBLEM.build_model(seed=1, dtype=torch.float64)
+    x = _data()
+    blocks = _dense_blocks(model, x, seed=3)
+    pre = KroneckerPreconditioner(model, PROBLEM, method="deflation", damping=0.1, kl_clip=None, decay=0.0,
+                                  t_stats=1, t_inv=1, fit_options=TIGHT_FIT, seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    raw = {}
+
+    def closure():
+        model.zero_grad()
+        loss = PROBLEM.loss(model(x), x)
+        loss.backward()
+        raw.update({m: weight_from_linear(m.weight.grad, m.bias.grad).clone() for m in pre.layers.values()})
+        return loss
+
+    pre.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for layer, (a, g, fisher) in zip(pre.layers.values(), blocks):
+        terms, _ = _reference_terms("deflation", 2, a, g, fisher)
+        expected = unvec(torch.linalg.solve(_damped_dense(terms, 0.1), vec(raw[layer])), *raw[layer].shape)
+        torch.testing.assert_close(weight_from_linear(layer.weight.grad, layer.bias.grad), expected, rtol=0, atol=1e-8)
+
+
+def test_preconditioner_with_adam_trains_and_its_state_dict_resumes_bit_for_bit():
+    batches = _batches(9)
+
+    def make(model):
+        adam = torch.optim.Adam(model.parameters(), lr=0.01)
+        return adam, _pre(model, "kpsvd", lr=lambda index: adam.param_groups[0]["lr"])
+
+    def run(model, adam, pre, xs):
+        losses = []
+        for x in xs:
+            losses.append(float(pre.step(_closure(adam, model, x, SMALL)).detach()))
+            adam.step()
+        return losses
+
+    model = SMALL.build_model(seed=0)
+    adam, pre = make(model)
+    losses = run(model, adam, pre, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "adam": adam.state_dict(), "pre": pre.state_dict()}, buffer)
+    losses += run(model, adam, pre, batches[4:])
+    assert losses[-1] < losses[0]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = SMALL.build_model(seed=7)
+    resumed.load_state_dict(saved["model"])
+    adam2, pre2 = make(resumed)
+    adam2.load_state_dict(saved["adam"])
+    pre2.load_state_dict(saved["pre"])
+    run(resumed, adam2, pre2, batches[4:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="configured"):
+        _pre(SMALL.build_model(), "kfac").load_state_dict(saved["pre"])
+
+
+@pytest.mark.parametrize("kw,word", [({"damping": 0}, "damping"), ({"lr": None}, "kl_clip needs"), ({"lr": -1}, "lr")])
+def test_preconditioner_rejects_bad_settings(kw, word):
+    with pytest.raises(ValueError, match=word):
+        _pre(SMALL.build_model(), "kfac", **kw)

@@ -38,13 +38,13 @@ def _rows(layers=(1, 2, 5), steps=(0, 10, 20, 30)) -> list[dict]:
 
 def _capture(monkeypatch, write: bool) -> dict:
     drawn = {}
-    real_save = plots.save
+    real_save = plots.save_figure
 
     def keeping_save(fig, out_dir, stem):
         drawn[stem] = fig
         return real_save(fig, out_dir, stem) if write else []
 
-    monkeypatch.setattr(plots, "save", keeping_save)
+    monkeypatch.setattr(plots, "save_figure", keeping_save)
     return drawn
 
 
@@ -145,7 +145,7 @@ def test_kron_profiles_one_line_per_step_with_a_colorbar(tmp_path, figures, monk
     assert len(ax.get_lines()) == 3 and ax.get_yscale() == "log"
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([1.0, 0.1, 1e-3])  # σ_k/σ_1; round-off dropped
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "training step"  # the colorbar
-    monkeypatch.setattr(plots, "save", lambda fig, out_dir, stem: fig)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, stem: fig)
     one_step = plots.plot_kron_profiles([5], profiles[:1], tmp_path)
     low, high = one_step.axes[1].get_ylim()
     assert low == 5 and high > low  # one step still has a valid colour scale
@@ -214,7 +214,7 @@ def test_plot_run_at_a_chosen_layer_and_step(run_file, tmp_path, sketches):
 
 
 def test_runs_that_would_share_a_figure_directory_get_one_each(tmp_path):
-    from fisherlab.commands.plot import run_out_dirs
+    from fisherlab.plots.files import run_out_dirs
 
     a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "sub" / "a.h5"
     assert run_out_dirs([a], None) == {a: tmp_path / "figures"}
@@ -295,7 +295,7 @@ def test_cli_plots_histories_labelled_by_optimizer(tmp_path, capsys, monkeypatch
 
 
 def test_histories_of_one_optimizer_are_told_apart(tmp_path):
-    from fisherlab.commands.plot import read_histories
+    from fisherlab.plots.files import read_histories
 
     first = _history(tmp_path / "lr1e-3", optimizer="adam")
     second = _history(tmp_path / "lr1e-2", optimizer="adam")

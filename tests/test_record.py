@@ -259,14 +259,14 @@ def test_cli_existing_file_force_and_resume(tmp_path, capsys):
 
 
 def _interrupt_at(monkeypatch, at_step: int) -> None:
-    original = rec.Recorder.train_step
+    original = rec.Recorder.forward
 
-    def train_step(self, x, step, capture=False):
+    def forward(self, model, x, step):
         if step == at_step:
             raise KeyboardInterrupt
-        return original(self, x, step, capture)
+        return original(self, model, x, step)
 
-    monkeypatch.setattr(rec.Recorder, "train_step", train_step)
+    monkeypatch.setattr(rec.Recorder, "forward", forward)
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["from-checkpoint", "replayed"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fisherlab.data
+import fisherlab.loop
 from fisherlab.cli import main
 from fisherlab.data import Dataset
 from fisherlab.errors import UserInputError
@@ -113,3 +114,60 @@ def test_train_command_bad_input_is_one_line_and_status_2(tmp_path, tiny_curves,
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _interrupt_at(monkeypatch, at_step):
+    original = fisherlab.loop.Loop._one_step
+
+    def one_step(self, x, keeps_history):
+        if self.step == at_step:
+            raise KeyboardInterrupt
+        return original(self, x, keeps_history)
+
+    monkeypatch.setattr(fisherlab.loop.Loop, "_one_step", one_step)
+
+
+def _rows(path):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in History.read_csv(path).rows]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "deflation"])
+def test_train_command_interrupted_and_resumed_matches_an_uninterrupted_run(tmp_path, tiny_curves, capsys, monkeypatch,
+                                                                            optimizer):
+    args = ["train", "--problem", "curves", "--optimizer", optimizer, "--epochs", "4", "--batch-size", "20",
+            "--lr", "0.01", "--damping", "0.01", "--t1", "3", "--log-every", "3", "--no-progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*args, "--out", str(whole)]) == 0
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 11)  # rows at steps 0, 3, 4, 6, 8, 9: the checkpoint holds step 9
+        assert main([*args, "--out", str(cut)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0]
+    assert not (cut / "history.csv").exists() and (cut / "history.partial.csv").exists()
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    assert str(_rows(cut / "history.csv")) == str(_rows(whole / "history.csv"))  # str: NaN equals NaN
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first, second = (json.loads((d / "run.json").read_text()) for d in (whole, cut))
+    assert {k: v for k, v in first["final"].items() if k != "seconds"} == {
+        k: v for k, v in second["final"].items() if k != "seconds"}
+
+
+def test_train_command_resume_with_other_settings_is_refused(tmp_path, tiny_curves, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--problem", "curves", "--optimizer", "sgd", "--epochs", "2", "--batch-size", "40", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "--resume", "--lr", "0.02"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (lr)" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*args, "--resume", "--epochs", "3"]) == 0  # more epochs: the same run, extended
+    assert History.read_csv(out / "history.csv").column("epoch") == [0, 1, 2, 3]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "--resume", "--epochs", "1"]) == 2  # fewer: refused
+    assert "past the 2 steps of 1 epochs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

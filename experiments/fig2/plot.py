@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -56,13 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         label = label or problem_settings(settings, problem).get("label", args.profile)
         title = textwrap.fill(f"Figure 2 ({args.profile} profile): {label}", width=95)
         stem = f"fig2_{problem}_{args.profile}"
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            # plot_histories names its files after the title; give them the fixed stem.
-            for path in plot_histories(histories, tmp, title):
-                target = FIGURES / f"{stem}{path.suffix}"
-                shutil.move(str(path), target)
-                print(target.relative_to(ROOT))
+        for path in plot_histories(histories, FIGURES, title, stem=stem):
+            print(path.relative_to(ROOT))
     return 0
 
 

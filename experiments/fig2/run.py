@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from fisherlab.cli import main as fisherlab_main
+from fisherlab.io import atomic_write
 from fisherlab.training import History
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--problems", nargs="+")
     parser.add_argument("--optimizers", nargs="+")
+    parser.add_argument("--device", default="auto", help="of every run (default: auto, cuda where available)")
     args = parser.parse_args(argv)
     settings = load_config(args.profile)
     problems = args.problems or settings["problems"]
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                           "running it again", flush=True)
                 if not cached or stale:
                     print(f"[fig2] {problem} {optimizer} {point}", flush=True)
-                    extra = ["--force"] if stale else []
+                    extra = ["--device", args.device] + (["--force"] if stale else [])
                     code = fisherlab_main(train_args(here, problem, optimizer, point, out) + extra)
                     if code != 0:
                         print(f"[fig2] failed with status {code}", file=sys.stderr)
@@ -140,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 "history": str(out.relative_to(HERE) / "history.csv"),
                 "grid": [{"settings": p, "final_train_loss": l} for l, p, _ in candidates],
             }
-            results.mkdir(parents=True, exist_ok=True)
-            best_path.write_text(json.dumps(best, indent=1))
+            atomic_write(best_path, json.dumps(best, indent=1))
     write_summary(best, results / "summary.md", args.profile,
                   {problem: problem_settings(settings, problem)["label"] for problem in best})
     return 0
@@ -160,8 +161,7 @@ def write_summary(best: dict, path: Path, profile: str, labels: dict[str, str]) 
             lines.append(f"| {name} | {settings} | {r['final_train_loss']:.3f} | {r['final_val_loss']:.3f} | "
                          f"{r['seconds']:.1f} | {per_epoch:.2f} |")
         lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fisherlab.analysis import DEFAULT_METHODS, DTYPES, analyze
+from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.kron import METHODS
 
@@ -53,12 +54,12 @@ def analysis_kwargs(args: argparse.Namespace) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="HDF5 run file written by `fisherlab record`")
     parser.add_argument("--out", help="directory for errors.csv (default: beside the run file)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_analysis_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    table = analyze(args.run, out_dir=args.out, device=args.device, progress=not args.quiet, **analysis_kwargs(args))
+    table = analyze(args.run, out_dir=args.out, device=str(resolve_device(args.device)), progress=not args.quiet, **analysis_kwargs(args))
     print(f"errors table: {table}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP
 from fisherlab.errors import UserInputError
 
 
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", help="directory with the original data files (default: $FISHERLAB_DATA_DIR)")
     parser.add_argument("--cache-dir", help="cache of regenerated data sets (default: $FISHERLAB_CACHE_DIR)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--force", action="store_true", help="overwrite an existing run file")
     mode.add_argument("--resume", action="store_true", help="continue an existing run file from its last checkpoint")

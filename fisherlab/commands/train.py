@@ -1,31 +1,19 @@
 """``fisherlab train``: train a benchmark auto-encoder and log its loss history.
 
-Writes into ``--out DIR``: ``history.csv`` (columns ``epoch, step, seconds, train_loss,
-val_loss, batch_loss, lr``; see :mod:`fisherlab.training`) and ``run.json`` (every setting,
-the data set's provenance, the optimizer's diagnostics, whether the run diverged). While the
-run goes, the rows are kept in ``history.partial.csv``; ``history.csv`` appears only when the
-run has finished, so a killed run never looks complete.
+Writes into ``--out DIR`` ``history.csv``, ``run.json`` and ``checkpoint.pt``
+(:func:`fisherlab.training.run_training`); ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import time
-from dataclasses import asdict
+import sys
 from pathlib import Path
 
-import torch
-
-from fisherlab import __version__
-from fisherlab.errors import UserInputError
-from fisherlab.optim import AVERAGES, NaturalGradient
-from fisherlab.training import OPTIMIZERS, build_optimizer, train
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP
+from fisherlab.precondition import AVERAGES
+from fisherlab.training import OPTIMIZERS
 
 
 def _positive_float(text: str) -> float:
@@ -70,100 +58,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--log-every", type=int, default=0, help="also log every N steps (0: per epoch only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoint (the same settings; --epochs may grow)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fisherlab.data import load_dataset
-    from fisherlab.problems import get_problem
+    """Train the run ``args`` describes; 0 on success (also for a run that diverged)."""
+    from fisherlab.training import run_training
 
-    problem = get_problem(args.problem)
-    if problem.dataset is None:
-        raise UserInputError(f"problem {problem.name!r} has no data set; use curves, mnist or faces")
-    if args.log_every < 0:
-        raise UserInputError(f"--log-every must be nonnegative, got {args.log_every}")
-    out: Path = args.out
-    if (out / "history.csv").exists() and not args.force:
-        raise UserInputError(f"{out / 'history.csv'} exists; pass --force to overwrite it")
     try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserInputError(f"device {args.device!r} is not available ({exc})") from None
-
-    dataset = load_dataset(problem.dataset, args.data_dir, args.cache_dir)
-    dtype = DTYPES[args.dtype]
-    train_data = dataset.train if args.train_subset is None else dataset.train[: args.train_subset]
-    train_data = train_data.to(device=device, dtype=dtype)
-    val_data = dataset.val.to(device=device, dtype=dtype)
-    batch_size = args.batch_size or problem.batch_size
-
-    torch.manual_seed(args.seed)
-    model = problem.build_model(seed=args.seed, dtype=dtype, device=device)
-    optimizer = build_optimizer(
-        args.optimizer,
-        model,
-        problem,
-        lr=args.lr,
-        damping=args.damping,
-        clip=args.clip,
-        t1=args.t1,
-        t2=args.t2,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        average=args.average,
-        mc_samples=args.mc_samples,
-        seed=args.seed,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "history.csv").unlink(missing_ok=True)
-    partial = out / "history.partial.csv"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-    settings.update(problem=problem.name, batch_size=batch_size, n_train=int(train_data.shape[0]))
-    record = {
-        "fisherlab_version": __version__,
-        "torch_version": torch.__version__,
-        "host": platform.node(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": settings,
-        "dataset": dataset.meta,
-    }
-    history = train(
-        model,
-        problem,
-        optimizer,
-        train_data,
-        val_data,
-        epochs=args.epochs,
-        batch_size=batch_size,
-        seed=args.seed,
-        log_every=args.log_every,
-        progress=not args.no_progress,
-        on_row=lambda h: h.write_csv(partial),
-    )
-    record["diverged"] = history.diverged
-    record["final"] = history.rows[-1]
-    if isinstance(optimizer, NaturalGradient):
-        record["diagnostics"] = asdict(optimizer.diagnostics)
-    _write_json(out / "run.json", record)
-    history.write_csv(out / "history.csv")
-    partial.unlink(missing_ok=True)
-    final = history.rows[-1]
-    status = "diverged" if history.diverged else "done"
+        result = run_training(
+            args.problem, args.optimizer, args.out, epochs=args.epochs, lr=args.lr, damping=args.damping,
+            clip=args.clip, t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay,
+            average=args.average, mc_samples=args.mc_samples, batch_size=args.batch_size,
+            train_subset=args.train_subset, log_every=args.log_every, seed=args.seed, device=args.device,
+            dtype=args.dtype, data_dir=args.data_dir,
+            cache_dir=args.cache_dir, force=args.force, resume=args.resume, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"fisherlab train: interrupted; run the same command with --resume to continue from {args.out}",
+              file=sys.stderr)
+        return 130
+    final = result.history.rows[-1]
+    status = "diverged" if result.history.diverged else "done"
     print(
-        f"{status}: {args.optimizer} on {problem.name}, epoch {final['epoch']}, train {final['train_loss']:.4f}, "
-        f"val {final['val_loss']:.4f}, {final['seconds']:.1f} s -> {out / 'history.csv'}"
+        f"{status}: {args.optimizer} on {result.record['settings']['problem']}, epoch {final['epoch']}, "
+        f"train {final['train_loss']:.4f}, val {final['val_loss']:.4f}, {final['seconds']:.1f} s "
+        f"-> {result.out / 'history.csv'}"
     )
     return 0
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
-

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,10 +14,15 @@ import numpy as np
 import torch
 
 from fisherlab.errors import DataNotFoundError
+from fisherlab.io import atomic_write
 
 DATA_DIR_ENV = "FISHERLAB_DATA_DIR"
 CACHE_DIR_ENV = "FISHERLAB_CACHE_DIR"
 SPLIT_SEED = 0
+
+
+#: Meta entries that describe a particular call of a loader, not the data set.
+VOLATILE_META = frozenset({"cache_hit", "generation_seconds"})
 
 
 @dataclass
@@ -37,6 +41,11 @@ class Dataset:
     val: torch.Tensor
     test: torch.Tensor | None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        """``meta`` without the entries that describe one call (a cache hit, its timing):
+        what identifies the data set in a run's settings."""
+        return {k: v for k, v in self.meta.items() if k not in VOLATILE_META}
 
 
 def resolve_data_dir(path: str | os.PathLike | None) -> Path | None:
@@ -88,19 +97,6 @@ def cache_key(name: str, params: dict[str, Any]) -> str:
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached(
     directory: Path,
     name: str,
@@ -133,7 +129,7 @@ def cached(
             return arrays, record["notes"], True
     arrays, notes = generate()
     for key, array in arrays.items():
-        _atomic_write(directory / f"{stem}.{key}.npy", lambda f, a=array: np.save(f, a))
+        atomic_write(directory / f"{stem}.{key}.npy", lambda f, a=array: np.save(f, a))
     record = {"name": name, "params": params, "arrays": list(arrays), "notes": notes}
-    _atomic_write(index, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
+    atomic_write(index, json.dumps(record, indent=1, default=str))
     return arrays, notes, False

@@ -147,3 +147,17 @@ class AveragedBlock(RankOneBlock):
         if self.p**2 > max_entries:
             raise BlockTooLargeError(f"the dense block has p² = {self.p**2:,} entries, above max_entries = {max_entries:,}")
         return self.weight * self.previous.to_dense(max_entries) + (1 - self.weight) * self.stats.to_dense(max_entries)
+
+
+def average_terms(previous: KronSum, current: KronSum, rho: float) -> KronSum:
+    """``ρ`` times each previous factor plus ``1 − ρ`` times the current one, term by term
+    (the paper's factor average, the alternative to :class:`AveragedBlock`).
+
+    ``A ⊗ G = (−A) ⊗ (−G)``: each current term's joint sign is aligned with the previous
+    term's first (the first term is PSD in both, so only later terms can flip).
+    """
+    act, grad = current.act.clone(), current.grad.clone()
+    for j in range(min(previous.rank, current.rank)):
+        if torch.sum(previous.act[j] * act[j]) < 0:
+            act[j], grad[j] = -act[j], -grad[j]
+    return KronSum(rho * previous.act + (1 - rho) * act, rho * previous.grad + (1 - rho) * grad)

@@ -26,6 +26,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from fisherlab.errors import UserInputError
 from fisherlab.plots import style
+from fisherlab.plots.style import save_figure
 
 if TYPE_CHECKING:
     from fisherlab.analysis import Results
@@ -42,7 +43,6 @@ LOG_RANGE = 20.0
 ROUNDOFF_EPS = 10
 #: The paper's Figure 1 shows this layer; :func:`plot_run` defaults to it when it was recorded.
 PAPER_LAYER = 5
-DPI = 150
 
 
 def describe_run(config: Mapping) -> str:
@@ -115,7 +115,7 @@ def plot_errors(
         ax.grid(True, which="major", alpha=0.3)
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="approximation")
     fig.suptitle(_join(title, f"layer {layer}"))
-    return save(fig, out_dir, stem or f"errors_layer{layer}")
+    return save_figure(fig, out_dir, stem or f"errors_layer{layer}")
 
 
 def plot_error_heatmap(
@@ -184,7 +184,7 @@ def plot_error_heatmap(
         if isinstance(norm, LogNorm):
             _plain_log_labels(bar.ax.yaxis)
     fig.suptitle(_join(title, "errors by layer and method"))
-    return save(fig, out_dir, stem or f"error_heatmap_step{step}")
+    return save_figure(fig, out_dir, stem or f"error_heatmap_step{step}")
 
 
 def plot_spectra(
@@ -229,7 +229,7 @@ def plot_spectra(
         f"eigenvalues of F and of each approximation; |λ| ≤ {ROUNDOFF_EPS} ε·max|λ| omitted as round-off", fontsize=9
     )
     fig.suptitle(title or "eigenvalues")
-    return save(fig, out_dir, stem)
+    return save_figure(fig, out_dir, stem)
 
 
 def plot_kron_profiles(
@@ -285,7 +285,7 @@ def plot_kron_profiles(
     fig.colorbar(colours, ax=ax, label="training step")
     ax.set_title("singular values of the rearranged block Z(F), one line per recorded step", fontsize=9)
     fig.suptitle(title or "Kronecker singular-value profile")
-    return save(fig, out_dir, stem)
+    return save_figure(fig, out_dir, stem)
 
 
 def default_layer(layers: Sequence[int]) -> int:
@@ -341,17 +341,6 @@ def plot_run(
     paths += plot_kron_profiles(
         profile_steps, profiles, out_dir, title=_join(run, f"layer {layer}"), stem=f"kron_profile_layer{layer}"
     )
-    return paths
-
-
-def save(fig: Figure, out_dir: str | os.PathLike, stem: str) -> list[Path]:
-    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` into ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=DPI)
-        fig.set_layout_engine("none")  # keep the first save's layout: laying out again costs as much
     return paths
 
 

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fisherlab.io import atomic_write
 from fisherlab.kron.methods import METHODS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Resolution of the PNG figures.
+DPI = 150
+#: Every figure is written in these formats.
+FORMATS = ("png", "pdf")
 
 #: Display names of the approximations (from the registry) and of the other optimizers.
 LABELS = {name: method.label for name, method in METHODS.items()} | {"sgd": "SGD", "adam": "Adam", "fisher": "exact F"}
@@ -45,3 +58,16 @@ def color(name: str) -> str | None:
 
 def marker(name: str) -> str:
     return MARKERS.get(name, "")
+
+
+def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str) -> list[Path]:
+    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` into ``out_dir`` (created if needed), atomically.
+
+    Returns:
+        The paths written.
+    """
+    paths = [Path(out_dir) / f"{stem}.{suffix}" for suffix in FORMATS]
+    for path in paths:
+        atomic_write(path, lambda handle, fmt=path.suffix[1:]: fig.savefig(handle, format=fmt, dpi=DPI))
+        fig.set_layout_engine("none")  # keep the first save's layout: laying out again costs as much
+    return paths

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from fisherlab.plots.style import color, label, marker
+from fisherlab.plots.style import color, label, marker, save_figure
 
 #: (column on y, column on x, panel title) of the four panels, in reading order.
 PANELS = (
@@ -34,7 +34,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "training"
 
 
-def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str) -> list[Path]:
+def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str, stem: str | None = None) -> list[Path]:
     """Draw the four Figure 2 panels of one problem and save them as PNG and PDF.
 
     Args:
@@ -43,7 +43,8 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
             with columns ``epoch``, ``seconds``, ``train_loss``, ``val_loss``. Names are drawn
             with the fixed labels and colours of :mod:`fisherlab.plots.style`.
         out_dir: directory for the figures (created if missing).
-        title: figure title; its slug is the file name.
+        title: figure title.
+        stem: file name without suffix (default: the title's slug).
 
     Returns:
         The paths written.
@@ -53,8 +54,6 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
     """
     if not histories:
         raise ValueError("no histories to plot")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # A Figure, not pyplot: no global backend or figure registry is touched.
     fig = Figure(figsize=(10, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
@@ -73,13 +72,7 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
         ax.grid(True, which="both", alpha=0.3)
     axes.flat[0].legend(fontsize="small")
     fig.suptitle(title)
-    paths = []
-    stem = _slug(title)
-    for suffix in ("png", "pdf"):
-        path = out_dir / f"{stem}.{suffix}"
-        fig.savefig(path, dpi=150)
-        paths.append(path)
-    return paths
+    return save_figure(fig, out_dir, stem or _slug(title))
 
 
 def best_final(histories: Mapping[str, Any], column: str = "train_loss") -> dict[str, float]:

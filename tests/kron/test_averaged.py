@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fisherlab.kron import KronSum, fit
-from fisherlab.kron.averaged import AveragedBlock
+from fisherlab.kron.averaged import AveragedBlock, average_terms
 from fisherlab.kron.layout import rearrange, unvec, vec
 
 RHO = 0.7
@@ -88,3 +88,22 @@ def test_invalid_arguments(stats):
         AveragedBlock(stats, _previous(stats), 0.5, "paper")
     with pytest.raises(ValueError, match="without a KFAC pair"):
         AveragedBlock(stats, _previous(stats), 0.5).kfac_factors()
+
+
+def test_average_terms_averages_each_factor_after_aligning_joint_signs():
+    gen = torch.Generator().manual_seed(5)
+    m, n = 3, 4
+    prev = KronSum(torch.randn(2, m, m, generator=gen, dtype=torch.float64), torch.randn(2, n, n, generator=gen, dtype=torch.float64))
+    cur = KronSum(torch.randn(2, m, m, generator=gen, dtype=torch.float64), torch.randn(2, n, n, generator=gen, dtype=torch.float64))
+    # A ⊗ G = (−A) ⊗ (−G): flipping a current term's joint sign changes nothing, and the
+    # term kept is the one whose first factor points along the previous one.
+    flipped = KronSum(cur.act * torch.tensor([1.0, -1.0], dtype=torch.float64)[:, None, None],
+                      cur.grad * torch.tensor([1.0, -1.0], dtype=torch.float64)[:, None, None])
+    a, b = average_terms(prev, cur, RHO), average_terms(prev, flipped, RHO)
+    torch.testing.assert_close(a.act, b.act, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    for j in range(2):
+        sign = 1.0 if torch.sum(prev.act[j] * cur.act[j]) >= 0 else -1.0
+        torch.testing.assert_close(a.act[j], RHO * prev.act[j] + (1 - RHO) * sign * cur.act[j])
+        torch.testing.assert_close(a.grad[j], RHO * prev.grad[j] + (1 - RHO) * sign * cur.grad[j])
+        assert torch.sum(a.act[j] * prev.act[j]) > 0 or torch.sum(prev.act[j] * cur.act[j]) == 0

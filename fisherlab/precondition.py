@@ -1,0 +1,537 @@
+"""A Kronecker preconditioner that any torch optimizer can step with.
+
+:class:`KroneckerPreconditioner` keeps each ``nn.Linear`` layer's Kronecker approximation of
+its Fisher block up to date and rewrites the layer's gradient into the damped natural-gradient
+direction; the optimizer that follows (``torch.optim.SGD``, ``Adam``, or
+:class:`fisherlab.optim.NaturalGradient`'s own update) takes the step. It is built on the same
+fitters (:func:`fisherlab.kron.fit`) and damped solves (:func:`fisherlab.kron.solve.damped_inverse`)
+as the analysis::
+
+    pre = KroneckerPreconditioner(model, problem, method="deflation", damping=1e-2, lr=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    def closure():
+        opt.zero_grad()
+        loss = problem.loss(model(x), x)
+        loss.backward()
+        return loss
+    pre.step(closure)  # forward, backward, statistics when due; .grad ← ν (F̂ + λ)⁻¹ ∇
+    opt.step()
+
+References:
+    Koroko et al., *Efficient Approximations of the Fisher Matrix in Neural Networks using
+    Kronecker Product Singular Value Decomposition*, 2022: §2.2 (damping), §3 (methods),
+    §3.4 (two-term solve), §4 and appendix E (moving averages, T₁, T₂, KL-clipping).
+    Martens & Grosse, ICML 2015 (§6.3, π-damping); Ba, Grosse & Martens, ICLR 2017 (KL-clipping).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fisherlab.kron import BlockStats, FitInfo, FitResult, KronSum, fit, validate
+from fisherlab.kron.averaged import AveragedBlock, average_terms
+from fisherlab.kron.layout import weight_from_linear
+from fisherlab.kron.solve import INDEFINITE_REMEDIES, DampedInverse, damped_inverse
+from fisherlab.probe import FisherProbe
+
+#: How statistics are averaged over time (see :class:`fisherlab.optim.NaturalGradient`).
+AVERAGES = ("block", "factors")
+
+#: A setting given per layer: one value, or a function of the 1-based layer index.
+PerLayer = float | Callable[[int], float]
+
+
+class Likelihood(Protocol):
+    """The model's predictive distribution (a :class:`fisherlab.problems.Problem` is one)."""
+
+    def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor: ...
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the preconditioner (saved in and checked by ``state_dict``)."""
+
+    method: str
+    rank: int
+    average: str
+    decay: float
+    t_stats: int
+    t_inv: int
+    kl_clip: float | None
+    mc_samples: int
+    indefinite: str
+    floor: float
+    fit_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Diagnostics:
+    """Counters of what the preconditioner did; fallbacks are never silent.
+
+    Attributes:
+        steps: preconditioned steps.
+        stats_updates: statistics updates (extra backward passes), ``k`` of the paper.
+        inverse_updates: recomputations of the damped inverses.
+        fit_fallbacks: layer fits that failed or were not finite, replaced by the KFAC term.
+        inverse_fallbacks: damped inverses that failed and fell back to the KFAC term.
+        gradient_fallbacks: layers left with the plain gradient (no usable inverse, or a
+            non-finite solve).
+        skipped_updates: layers whose gradient was not finite: their gradients are set to
+            None, so the optimizer leaves them alone.
+        clipped_curvatures: curvatures raised to ``floor`` by the indefinite remedy, summed
+            over layers at the last inverse update.
+        unconverged_fits: iterative fits that stopped at their iteration limit.
+        fit_iterations: products with ``Z(F)`` over all fits.
+        kl_scale: the KL-clipping factor ν of the last step.
+        seconds_stats, seconds_fit, seconds_inverse: time spent in the extra backward pass,
+            in the fits and in the inverses.
+    """
+
+    steps: int = 0
+    stats_updates: int = 0
+    inverse_updates: int = 0
+    fit_fallbacks: int = 0
+    inverse_fallbacks: int = 0
+    gradient_fallbacks: int = 0
+    skipped_updates: int = 0
+    clipped_curvatures: int = 0
+    unconverged_fits: int = 0
+    fit_iterations: int = 0
+    kl_scale: float = 1.0
+    seconds_stats: float = 0.0
+    seconds_fit: float = 0.0
+    seconds_inverse: float = 0.0
+
+
+def find_layers(model: nn.Module, params: Iterable[Tensor]) -> dict[int, nn.Linear]:
+    """``{1-based index among the model's nn.Linear layers: layer}`` of those whose weight is in ``params``.
+
+    Raises:
+        ValueError: if such a layer has no bias, its bias is not in ``params``, or there is none.
+    """
+    chosen = {id(p) for p in params}
+    layers = {}
+    for index, layer in enumerate((m for m in model.modules() if isinstance(m, nn.Linear)), start=1):
+        if id(layer.weight) not in chosen:
+            continue
+        if layer.bias is None:
+            raise ValueError(f"layer {index} has no bias; the block convention needs W = [bias | weight]")
+        if id(layer.bias) not in chosen:
+            raise ValueError(f"the bias of layer {index} must be preconditioned with its weight")
+        layers[index] = layer
+    if not layers:
+        raise ValueError("no nn.Linear layer of the model is among the parameters to optimize")
+    return layers
+
+
+class KroneckerPreconditioner:
+    r"""Rewrites each ``nn.Linear`` layer's gradient into ``ν (F̂_l + λ)^{-1} ∇_l``.
+
+    For layer ``l`` with ``W_l = [b_l | w_l]`` (n × m, bias in column 0) and loss gradient
+    ``∇_l`` in the same shape, :meth:`step` sets the layer's ``.grad`` (bias: column 0,
+    weight: the rest) to
+
+    .. math::
+        ν Δ_l,\qquad Δ_l = (\hat F_l + λ)^{-1} ∇_l,\qquad
+        ν = \min\Bigl(1, \sqrt{c \,/\, \textstyle\sum_l η_l^2 ⟨Δ_l, ∇_l⟩}\Bigr),
+
+    with Tikhonov damping λ (``damping``), KL-clipping constant c (``kl_clip``; appendix E
+    of the paper, Ba et al. 2017 §5) and the learning rate η (``lr``) of the step that
+    follows. The damping, the statistics schedule (T₁ = ``t_stats``, T₂ = ``t_inv``), the
+    moving averages and the fallbacks are those documented in
+    :class:`fisherlab.optim.NaturalGradient`, which is this preconditioner followed by its
+    update rule. Other parameters' gradients are left as they are.
+
+    The extra backward pass needs the forward graph, so a step that refreshes the
+    statistics (every ``t_stats`` steps, the first included) needs a ``closure`` that runs
+    the forward and backward passes; the model is hooked only while it runs.
+
+    Args:
+        model: the network.
+        likelihood: predictive distribution with ``per_example_loss(output, target)`` and
+            ``sample_targets(output, generator)`` (a :class:`~fisherlab.problems.Problem`).
+        params: the parameters whose layers are preconditioned (default: all of ``model``'s);
+            a layer's weight and bias go together.
+        method: the approximation, a method of :data:`fisherlab.kron.METHODS` with
+            ``optimizer_options``.
+        rank: Kronecker terms (default: 1 for kfac and kpsvd, 2 for the others).
+        damping: λ > 0, or a function of the layer index giving it.
+        lr: η of the optimizer's step (or a function of the layer index, read at every
+            step, e.g. ``lambda i: opt.param_groups[0]["lr"]`` under a scheduler); needed
+            for the KL clip only.
+        kl_clip: c > 0, or None for no clipping.
+        decay: α in [0, 1) (0: no moving average).
+        t_stats: T₁ ≥ 1.
+        t_inv: T₂ ≥ 1.
+        mc_samples: k ≥ 1 targets per input.
+        average: ``"block"`` or ``"factors"``.
+        indefinite: remedy for an indefinite two-term sum (``clip``, ``drop``, ``raise``).
+        floor: smallest curvature kept by ``indefinite="clip"``, in (0, 1].
+        fit_options: options of the fitter, over the method's ``optimizer_options``.
+        seed: seed of the generator that draws the Monte-Carlo targets.
+
+    Raises:
+        ValueError: for an invalid hyperparameter or option (the message names it).
+        TypeError: if ``likelihood`` lacks ``per_example_loss`` or ``sample_targets``.
+
+    Attributes:
+        diagnostics: a :class:`Diagnostics`.
+        layers: ``{layer index (1-based): nn.Linear}`` of the preconditioned layers.
+        state: ``{layer index: curvature state}`` (running factors, approximation, inverse).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        params: Iterable[Tensor] | None = None,
+        *,
+        method: str = "kfac",
+        rank: int | None = None,
+        damping: PerLayer = 1e-3,  # λ
+        lr: PerLayer | None = None,  # η
+        kl_clip: float | None = 1e-3,  # c
+        decay: float = 0.95,  # α
+        t_stats: int = 100,  # T₁
+        t_inv: int = 100,  # T₂
+        mc_samples: int = 1,  # k
+        average: str = "block",
+        indefinite: str = "clip",
+        floor: float = 0.1,
+        fit_options: dict | None = None,
+        seed: int = 0,
+    ):
+        _, rank, fit_options = validate(method, rank, fit_options, optimizer=True)
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip must be positive or None, got {kl_clip}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay (α) must lie in [0, 1), got {decay}")
+        for name, value in (("t_stats", t_stats), ("t_inv", t_inv), ("mc_samples", mc_samples)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if average not in AVERAGES:
+            raise ValueError(f"unknown average {average!r}; choose from {', '.join(AVERAGES)}")
+        if indefinite not in INDEFINITE_REMEDIES:
+            raise ValueError(f"unknown indefinite remedy {indefinite!r}; choose from {', '.join(INDEFINITE_REMEDIES)}")
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must lie in (0, 1], got {floor}")
+        for name in ("per_example_loss", "sample_targets"):
+            if not callable(getattr(likelihood, name, None)):
+                raise TypeError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")
+        if not callable(damping) and not damping > 0:
+            raise ValueError(f"damping (λ) must be positive, got {damping}")
+        if kl_clip is not None and lr is None:
+            raise ValueError("kl_clip needs the learning rate lr of the step that follows")
+        if lr is not None and not callable(lr) and not lr > 0:
+            raise ValueError(f"lr (η) must be positive, got {lr}")
+
+        self.config = Config(method, rank, average, decay, t_stats, t_inv, kl_clip, mc_samples, indefinite, floor, fit_options)
+        self.likelihood = likelihood
+        self.model = model
+        self.layers = find_layers(model, model.parameters() if params is None else params)
+        self._damping = damping if callable(damping) else (lambda index, value=damping: value)
+        self._lr = lr if lr is None or callable(lr) else (lambda index, value=lr: value)
+        device = next(iter(self.layers.values())).weight.device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self.state: dict[int, dict] = {index: {} for index in self.layers}
+        self.diagnostics = Diagnostics()
+        self._warned: set[str] = set()
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """:meth:`update`, then write :meth:`directions` into the layers' ``.grad``.
+
+        A layer whose gradient is not finite gets ``.grad = None``, so the optimizer leaves
+        it alone. Without a closure, the gradients already in ``.grad`` are preconditioned.
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            RuntimeError: if the statistics are due and no closure was given.
+        """
+        loss = self.update(closure)
+        with torch.no_grad():
+            for p, direction in self.directions().items():
+                if direction is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = direction.clone()
+                else:
+                    p.grad.copy_(direction)
+        return loss
+
+    @torch.no_grad()
+    def update(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Run ``closure``; refresh the statistics and refit every ``t_stats`` steps, the
+        inverses every ``t_inv`` steps (the first step does both), and count the step.
+
+        Raises:
+            RuntimeError: if the statistics are due and no closure was given.
+        """
+        cfg = self.config
+        t = self.diagnostics.steps
+        loss = None
+        if t % cfg.t_stats == 0:
+            if closure is None:
+                raise RuntimeError(
+                    f"step {t} refreshes the Fisher statistics (every t_stats = {cfg.t_stats} steps) and needs "
+                    "a closure that runs the forward and backward passes"
+                )
+            loss, stats = self._closure_with_statistics(closure)
+            self._update_curvature(stats)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if t % cfg.t_inv == 0 or any("inv_denom" not in self.state[index] for index in self.layers):
+            self._update_inverses()
+        self.diagnostics.steps += 1
+        return loss
+
+    def _closure_with_statistics(self, closure: Callable[[], Tensor]) -> tuple[Tensor, dict[int, BlockStats]]:
+        captured: dict[int, BlockStats] = {}
+        start = time.perf_counter()
+        with FisherProbe(self.model, layers=self.layers) as probe:
+
+            def capture(module: nn.Module, inputs, output: Tensor) -> None:
+                # The first forward pass with a graph is the training batch.
+                if not captured and output.requires_grad:
+                    captured.update(
+                        probe.capture(
+                            output,
+                            self.likelihood.sample_targets,
+                            self.likelihood.per_example_loss,
+                            fisher="mc",
+                            mc_samples=self.config.mc_samples,
+                            generator=self._generator,
+                        )
+                    )
+
+            handle = self.model.register_forward_hook(capture)
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                handle.remove()
+        if not captured:
+            raise RuntimeError("the closure ran no forward pass of the model with autograd enabled")
+        self.diagnostics.seconds_stats += time.perf_counter() - start
+        return loss, captured
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{message} (counted in diagnostics.{kind}; warned once)", RuntimeWarning, stacklevel=4)
+
+    # -- statistics and fits -------------------------------------------------------------
+    def _update_curvature(self, stats_by_layer: dict[int, BlockStats]) -> None:
+        cfg = self.config
+        self.diagnostics.stats_updates += 1
+        k = self.diagnostics.stats_updates
+        rho = min(1 - 1 / k, cfg.decay)
+        start = time.perf_counter()
+        for index in self.layers:
+            self._refresh_layer(self.state[index], stats_by_layer[index], rho)
+        self.diagnostics.seconds_fit += time.perf_counter() - start
+
+    def _refresh_layer(self, state: dict, stats: BlockStats, rho: float) -> None:
+        """Fold one mini-batch block into a layer's running KFAC factors and approximation."""
+        act_b, grad_b = stats.kfac_factors()
+        if "kfac_act" in state:
+            state["kfac_act"] = rho * state["kfac_act"] + (1 - rho) * act_b
+            state["kfac_grad"] = rho * state["kfac_grad"] + (1 - rho) * grad_b
+        else:
+            state["kfac_act"], state["kfac_grad"] = act_b, grad_b
+        kfac = KronSum(state["kfac_act"], state["kfac_grad"])
+        op = kfac if self.config.method == "kfac" else self._fit_layer(state, stats, rho, kfac)
+        state["approx_act"], state["approx_grad"] = op.act, op.grad
+
+    def _fit_layer(self, state: dict, stats: BlockStats, rho: float, kfac: KronSum) -> KronSum:
+        cfg = self.config
+        init = None
+        if "warm" in state:
+            init = FitResult(KronSum(state["approx_act"], state["approx_grad"]), FitInfo(cfg.method, cfg.rank), state["warm"])
+        has_past = "approx_act" in state and rho > 0
+        try:
+            if cfg.average == "block" and has_past:
+                previous = KronSum(state["approx_act"], state["approx_grad"])
+                # Only KFAC-corrected subtracts KFAC: its running pair is ρ × its previous first term
+                # plus (1 − ρ) × the batch's, as kfac above.
+                block = AveragedBlock(stats, previous, rho, "running" if cfg.method == "kfac_corrected" else None)
+                result = fit(cfg.method, block, cfg.rank, init=init, **cfg.fit_options)
+                op = result.op
+            else:
+                result = fit(cfg.method, stats, cfg.rank, init=init, **cfg.fit_options)
+                op = result.op
+                if has_past:
+                    op = average_terms(KronSum(state["approx_act"], state["approx_grad"]), op, rho)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError and FactorizationError among them
+            self._warn("fit_fallbacks", f"{cfg.method} fit failed ({exc}); using the KFAC term for this layer")
+            self.diagnostics.fit_fallbacks += 1
+            return kfac
+        self.diagnostics.fit_iterations += result.info.iterations
+        if not result.info.converged:
+            self.diagnostics.unconverged_fits += 1
+        if not _finite(op.act, op.grad):
+            self._warn("fit_fallbacks", f"{cfg.method} fit was not finite; using the KFAC term for this layer")
+            self.diagnostics.fit_fallbacks += 1
+            return kfac
+        if result.warm is not None:
+            state["warm"] = result.warm
+        return op
+
+    def _update_inverses(self) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        clipped = 0
+        for index in self.layers:
+            state = self.state[index]
+            candidates = [KronSum(state["approx_act"], state["approx_grad"])]
+            if cfg.method != "kfac":
+                candidates.append(KronSum(state["kfac_act"], state["kfac_grad"]))
+            inverse = None
+            for op in candidates:
+                try:
+                    inverse = damped_inverse(op, self._damping(index), scheme="pi", indefinite=cfg.indefinite, floor=cfg.floor)
+                except RuntimeError as exc:
+                    self._warn("inverse_fallbacks", f"damped inverse of layer {index} failed ({exc}); falling back")
+                    self.diagnostics.inverse_fallbacks += 1
+                    continue
+                if _finite(inverse.left, inverse.right, inverse.denom):
+                    break
+                self._warn("inverse_fallbacks", f"damped inverse of layer {index} was not finite; falling back")
+                self.diagnostics.inverse_fallbacks += 1
+                inverse = None
+            for key in ("inv_left", "inv_right", "inv_denom"):
+                state.pop(key, None)
+            if inverse is None:
+                state["inv_denom"] = None  # no usable inverse: the plain gradient
+                continue
+            clipped += inverse.clipped
+            # A 0-d denominator marks the Kronecker form G⁻¹ V A⁻¹ (a state dict holds tensors).
+            denom = torch.ones(()) if inverse.denom is None else inverse.denom
+            state["inv_left"], state["inv_right"], state["inv_denom"] = inverse.left, inverse.right, denom
+        self.diagnostics.clipped_curvatures = clipped
+        self.diagnostics.inverse_updates += 1
+        self.diagnostics.seconds_inverse += time.perf_counter() - start
+
+    # -- the direction -------------------------------------------------------------------
+    def inverse(self, index: int) -> DampedInverse | None:
+        """Layer ``index``'s cached ``(F̂ + λ)⁻¹``, or None where it has no usable one."""
+        state = self.state[index]
+        denom = state.get("inv_denom")
+        if denom is None:
+            return None
+        return DampedInverse(state["inv_left"], state["inv_right"], None if denom.ndim == 0 else denom)
+
+    @torch.no_grad()
+    def directions(self) -> dict[Tensor, Tensor | None]:
+        """``{parameter: ν Δ_l in its shape}`` for the weight and bias of every preconditioned
+        layer with a gradient, from the gradients in ``.grad`` and the cached inverses
+        (``.grad`` is not changed); None for a layer whose gradient is not finite."""
+        result: dict[Tensor, Tensor | None] = {}
+        grads = {
+            index: weight_from_linear(_grad_or_zero(layer.weight), _grad_or_zero(layer.bias))
+            for index, layer in self.layers.items()
+            if layer.weight.grad is not None or layer.bias.grad is not None
+        }
+        # The finiteness checks and the KL quadratic form read one number per step from the
+        # device each, not one per layer.
+        for index, ok in zip(list(grads), _finite_each(grads.values())):
+            if not ok:
+                self._warn("skipped_updates", f"the gradient of layer {index} is not finite; layer {index} is not updated")
+                self.diagnostics.skipped_updates += 1
+                del grads[index]
+                result[self.layers[index].bias] = result[self.layers[index].weight] = None
+        directions: dict[int, Tensor] = {}
+        solved: list[int] = []
+        for index, grad in grads.items():
+            inverse = self.inverse(index)
+            if inverse is None:
+                self._warn("gradient_fallbacks", f"layer {index} has no usable damped inverse; taking a gradient step")
+                self.diagnostics.gradient_fallbacks += 1
+                directions[index] = grad
+            else:
+                directions[index] = inverse.solve(grad)
+                solved.append(index)
+        for index, ok in zip(solved, _finite_each(directions[index] for index in solved)):
+            if not ok:
+                self._warn("gradient_fallbacks",
+                           f"the natural-gradient solve of layer {index} was not finite; taking a gradient step")
+                self.diagnostics.gradient_fallbacks += 1
+                directions[index] = grads[index]
+        scale = 1.0
+        if self.config.kl_clip is not None:
+            quadratic = float(sum((self._lr(i) ** 2 * (directions[i] * grads[i]).sum() for i in grads), 0.0))
+            if quadratic > 0:
+                scale = min(1.0, math.sqrt(self.config.kl_clip / quadratic))
+        self.diagnostics.kl_scale = scale
+        for index, direction in directions.items():
+            layer, step = self.layers[index], scale * direction
+            result[layer.bias], result[layer.weight] = step[:, 0], step[:, 1:]
+        return result
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The curvature state of every layer, the counters, the target generator and the config."""
+        return {
+            "config": asdict(self.config),
+            "diagnostics": asdict(self.diagnostics),
+            "generator": self._generator.get_state(),
+            "state": {index: dict(state) for index, state in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`; preconditioning then resumes exactly where it stopped.
+
+        Raises:
+            ValueError: if the state's config or layers differ from this preconditioner's.
+        """
+        if state_dict["config"] != asdict(self.config):
+            raise ValueError(f"the saved preconditioner was configured as {state_dict['config']}, this one as {asdict(self.config)}")
+        saved = {int(index): state for index, state in state_dict["state"].items()}
+        if set(saved) != set(self.layers):
+            raise ValueError(f"the saved preconditioner covers layers {sorted(saved)}, this one {sorted(self.layers)}")
+        for index, state in saved.items():
+            device = self.layers[index].weight.device
+            self.state[index] = {key: _to(value, device) for key, value in state.items()}
+        self.diagnostics = Diagnostics(**state_dict["diagnostics"])
+        self._generator.set_state(state_dict["generator"].cpu())
+
+
+def _to(value, device: torch.device):
+    """``value`` with every tensor in it (a warm start is a tuple of tensors) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _finite_each(tensors: Iterable[Tensor]) -> list[bool]:
+    """Whether every entry of each tensor is finite, by one reduction each: a sum is finite
+    exactly when the entries are, short of overflow (which is refused too). One device sync
+    for all of them, no elementwise mask."""
+    sums = [t.sum() for t in tensors]
+    return torch.isfinite(torch.stack(sums)).tolist() if sums else []
+
+
+def _finite(*tensors: Tensor | None) -> bool:
+    """Whether every entry of the given tensors (None skipped) is finite (:func:`_finite_each`)."""
+    return all(_finite_each(t for t in tensors if t is not None))
+
+
+def _grad_or_zero(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
