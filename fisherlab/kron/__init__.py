@@ -6,6 +6,7 @@ Pure tensor code (no hooks, no files, no training loops); CPU and CUDA, float32 
 from fisherlab.kron.fitters import DEFAULT_RANK, METHODS, FitInfo, FitResult, fit
 from fisherlab.kron.metrics import (
     ExactReference,
+    ZeroBlockError,
     dense_error1,
     dense_error2,
     error1,
@@ -25,6 +26,7 @@ __all__ = [
     "FitResult",
     "KronSum",
     "KroneckerSVD",
+    "ZeroBlockError",
     "dense_error1",
     "dense_error2",
     "error1",

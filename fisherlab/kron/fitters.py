@@ -87,6 +87,9 @@ def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult
 
     Raises:
         ValueError: unknown method (the message lists the valid ones) or invalid rank.
+
+    A zero block (:func:`is_zero_block`) gets ``rank`` zero terms, converged, with no
+    iteration and no warm-start vectors, whatever the method.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -98,9 +101,28 @@ def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     start = time.perf_counter()
-    result = METHODS[method](stats, rank=rank, init=init, **options)
+    if is_zero_block(stats):
+        result = _zero_fit(method, stats, rank)
+    else:
+        result = METHODS[method](stats, rank=rank, init=init, **options)
     result.info.seconds = time.perf_counter() - start
     return result
+
+
+def is_zero_block(block) -> bool:
+    """Whether ``F`` is zero to rounding: ``‖F‖²_F`` below the dtype's smallest normal number.
+
+    ``F`` is a sum of PSD terms, so nothing cancels: this happens only for a block that is
+    exactly zero (``g ≡ 0``, a dead layer above) or so small that its squared entries
+    underflow, where relative errors and singular vectors are rounding noise.
+    """
+    return float(rearranged(block).frobenius_norm()) ** 2 < torch.finfo(block.dtype).tiny
+
+
+def _zero_fit(method: str, block, rank: int) -> FitResult:
+    opts = {"dtype": block.dtype, "device": block.device}
+    op = KronSum(torch.zeros(rank, block.d_act, block.d_act, **opts), torch.zeros(rank, block.d_grad, block.d_grad, **opts))
+    return FitResult(op, FitInfo(method, rank, singular_values=torch.zeros(rank, **opts)))
 
 
 def options_of(method: str) -> tuple[str, ...]:

@@ -12,6 +12,11 @@ and, since ``rank F ≤ N`` and ``λ(F) ≥ 0``,
 ``‖λ(F) − λ(F̂)‖² = ‖F‖² + ‖F̂‖² − 2 Σ_{i≤N} λ_i(F) λ_i(F̂)``, which needs only the ``N``
 algebraically largest eigenvalues of the (exactly symmetric) ``F̂``.
 The matrix-free E1 loses digits to cancellation when E1 is below about 1e-7 (float64).
+
+Both are relative to ``F`` and undefined (0/0) for a block that is zero to rounding
+(:func:`~fisherlab.kron.fitters.is_zero_block`: ``‖F‖²_F`` below the smallest normal
+number, e.g. a layer under dead ReLUs): :class:`ExactReference` then raises
+:class:`ZeroBlockError` instead of returning NaN.
 """
 
 from __future__ import annotations
@@ -30,24 +35,42 @@ from fisherlab.kron.stats import BlockStats
 EXACT_TOL = 1e-11
 
 
+class ZeroBlockError(ValueError):
+    """A relative error was asked of a block that is zero to rounding."""
+
+
 class ExactReference:
     """What the errors need of ``F``, computed once and shared by every approximation.
 
     Attributes:
         norm2: ``‖F‖²_F`` from the Gram identity.
+        zero: whether ``F`` is zero to rounding (``norm2`` below the dtype's smallest normal
+            number); :meth:`error1` and :meth:`error2` then raise :class:`ZeroBlockError`.
         eigenvalues: the top ``min(N, p)`` eigenvalues of F, descending.
     """
 
     def __init__(self, stats: BlockStats):
         self.stats = stats
         self.norm2 = stats.frobenius_norm() ** 2
+        self.zero = bool(self.norm2 < torch.finfo(self.norm2.dtype).tiny)
+
+    def _check_nonzero(self) -> None:
+        if self.zero:
+            raise ZeroBlockError(
+                f"the block is zero to rounding (‖F‖²_F = {float(self.norm2):.3g}): its relative errors are undefined"
+            )
 
     @cached_property
     def eigenvalues(self) -> Tensor:
         return self.stats.eigenvalues()
 
     def error1(self, approx: KronSum) -> float:
-        """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``."""
+        """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``.
+
+        Raises:
+            ZeroBlockError: if ``F`` is zero to rounding.
+        """
+        self._check_nonzero()
         cross = self.stats.quadratic_forms(approx.act, approx.grad).mean(dim=1).sum()
         diff2 = self.norm2 - 2 * cross + approx.inner(approx)
         return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt())
@@ -72,7 +95,11 @@ class ExactReference:
         Args:
             rtol: relative half-width allowed on Error 2.
             tol: residual tolerance of the iterative eigensolver for large multi-term ``F̂``.
+
+        Raises:
+            ZeroBlockError: if ``F`` is zero to rounding.
         """
+        self._check_nonzero()
         approx = approx.symmetrized()
         lam_f = self.eigenvalues
         k_all = lam_f.shape[0]

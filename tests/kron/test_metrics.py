@@ -7,6 +7,7 @@ from fisherlab.kron import (
     BlockStats,
     ExactReference,
     KronSum,
+    ZeroBlockError,
     dense_error1,
     dense_error2,
     error1,
@@ -158,3 +159,16 @@ def test_error2_is_exact_when_the_restricted_sum_is_small():
     e2 = ref.error2(op)
     assert e2.halfwidth == 0
     assert e2.value <= 1e-7 and ref.error1(op) <= 1e-7
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-80])
+def test_errors_of_a_zero_block_raise_instead_of_nan(scale):
+    stats = CASES["network"]()
+    zero = BlockStats(stats.a, stats.g * scale)
+    ref = ExactReference(zero)
+    assert ref.zero and not ExactReference(stats).zero
+    approx = fit("kfac", stats).op
+    with pytest.raises(ZeroBlockError, match="zero to rounding"):
+        ref.error1(approx)
+    with pytest.raises(ZeroBlockError, match="zero to rounding"):
+        ref.error2(approx)
