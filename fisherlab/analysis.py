@@ -219,8 +219,11 @@ def analyze_block(
     updated with this step's; a fit without warm-start vectors, a zero block's or a failed
     one, drops its method's entry, so the next step starts afresh).
     """
-    stats = stats.to(device=settings.device)
-    ref = ExactReference(stats)
+    try:
+        stats = stats.to(device=settings.device)
+        ref = ExactReference(stats)
+    except Exception as exc:  # noqa: BLE001 - e.g. no such device on this worker: recorded, the others go on
+        return _failed(settings, todo, need_exact, exc), dict(warm)
     status = ZERO_BLOCK if ref.zero else OK
     results: list[Result] = []
     if need_exact:
@@ -319,8 +322,9 @@ def _run_dask(
                 raise UserInputError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
         else:
             cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
+                n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+                # no dashboard; the scheduler's HTTP server on a free port, not Dask's default 8787
+                dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
             )
             client = distributed.Client(cluster)
         with client:

@@ -1,4 +1,5 @@
 import csv
+import sys
 
 import pytest
 import torch
@@ -189,3 +190,10 @@ def test_old_results_without_status_read_and_nan_ones_are_redone(run_file):
     with RunReader(run_file) as reader:
         assert reader.read_analysis(5, 1, "kfac")[1]["status"] == "ok"  # redone
         assert "status" not in reader.read_analysis(0, 1, "kfac")[1]  # kept
+
+
+def test_without_dask_the_parallel_options_say_how_to_install_it(run_file, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as if not installed
+    assert main(["analyze", str(run_file), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "dask[distributed]"' in err
