@@ -36,8 +36,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -211,13 +212,15 @@ def _numpy(arrays: dict) -> dict:
 
 
 def analyze_block(
-    settings: _Settings, stats: BlockStats, todo: list[str], need_exact: bool, warm: Warm
+    settings: _Settings, stats: BlockStats, todo: list[str], need_exact: bool, warm: Warm,
+    progress: Callable[..., None] | None = None,
 ) -> tuple[list[Result], Warm]:
     """Fit ``todo`` on one block and measure their errors; no file access (a Dask task).
 
     Returns the results to write and the fits that warm-start the layer's next step (``warm``
     updated with this step's; a fit without warm-start vectors, a zero block's or a failed
-    one, drops its method's entry, so the next step starts afresh).
+    one, drops its method's entry, so the next step starts afresh). ``progress`` is told the
+    method in hand and the Error 2 solver's progress (:meth:`ExactReference.error2`).
     """
     try:
         stats = stats.to(device=settings.device)
@@ -237,6 +240,9 @@ def analyze_block(
     warm = dict(warm)
     for method in todo:
         init = warm.pop(method, None) if settings.warm_start else None
+        report = None if progress is None else partial(progress, method=method)
+        if report is not None:
+            report()
         try:
             options = {"tol": settings.tol} if "tol" in options_of(method) else {}
             result = fit(method, stats, rank=_rank_for(method, settings.rank), init=init, **options)
@@ -246,7 +252,7 @@ def analyze_block(
                 eigenvalues = torch.zeros_like(ref.eigenvalues)
             else:
                 e1 = ref.error1(result.op)
-                spectral = ref.error2(result.op, rtol=settings.error2_rtol)
+                spectral = ref.error2(result.op, rtol=settings.error2_rtol, progress=report)
                 e2, half, eigenvalues = spectral.value, spectral.halfwidth, spectral.eigenvalues
             info = result.info
             results.append((method, _numpy({"eigenvalues": eigenvalues, "singular_values": info.singular_values}), {
@@ -280,9 +286,15 @@ def _run_serial(reader: RunReader, settings: _Settings, blocks: list[tuple[int, 
             except Exception as exc:  # noqa: BLE001 - an unreadable block is recorded, the others go on
                 _write(reader, step, layer, _failed(settings, todo, need_exact, exc))
             else:
-                results, warm[layer] = analyze_block(settings, stats, todo, need_exact, warm.get(layer, {}))
+                progress = partial(_postfix, bar, step=step, layer=layer)
+                results, warm[layer] = analyze_block(settings, stats, todo, need_exact, warm.get(layer, {}), progress)
                 _write(reader, step, layer, results)
         bar.update()
+
+
+def _postfix(bar: tqdm, **info) -> None:
+    # A long block (minutes of exact Error 2) shows its method, Krylov dimension and accuracy.
+    bar.set_postfix({k: f"{v:.1e}" if isinstance(v, float) else v for k, v in info.items()})
 
 
 def _import_dask():

@@ -197,3 +197,13 @@ def test_without_dask_the_parallel_options_say_how_to_install_it(run_file, monke
     assert main(["analyze", str(run_file), "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "dask[distributed]"' in err
+
+
+def test_the_progress_bar_names_the_method_in_hand(run_file, monkeypatch):
+    import fisherlab.analysis as analysis_module
+
+    seen = []
+    monkeypatch.setattr(analysis_module, "_postfix", lambda bar, **info: seen.append(info))
+    analyze(run_file, methods=["kfac", "lanczos"], progress=True)
+    assert seen[:2] == [{"step": 0, "layer": 1, "method": "kfac"}, {"step": 0, "layer": 1, "method": "lanczos"}]
+    assert len(seen) == 3 * 2 * 2

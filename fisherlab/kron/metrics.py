@@ -21,6 +21,7 @@ number, e.g. a layer under dead ReLUs): :class:`ExactReference` then raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -75,7 +76,9 @@ class ExactReference:
         diff2 = self.norm2 - 2 * cross + approx.inner(approx)
         return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt())
 
-    def error2(self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8) -> SpectralError:
+    def error2(
+        self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8, progress: Callable[..., None] | None = None
+    ) -> SpectralError:
         """Relative spectral error, certified to ``rtol``, and the eigenvalues of ``F̂`` it used.
 
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known and ``s = ‖F̂‖² − Σ_{i≤k} μ_i²``
@@ -95,6 +98,9 @@ class ExactReference:
         Args:
             rtol: relative half-width allowed on Error 2.
             tol: residual tolerance of the iterative eigensolver for large multi-term ``F̂``.
+            progress: told of the work inside a long Error 2 as keyword arguments: the block
+                Lanczos solver's ``krylov`` dimension and ``accuracy``, then, in the certified
+                mode, each interval ``k`` (eigenvalues known) and ``error2`` (``"lo–hi"``).
 
         Raises:
             ZeroBlockError: if ``F`` is zero to rounding.
@@ -111,7 +117,7 @@ class ExactReference:
         norm = self.norm2.sqrt()
         tol = 0.0 if dense else EXACT_TOL if rtol <= 0 else tol
         while True:
-            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k])
+            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k], progress=progress)
             known = (lam_f[:k] * lam_hat).sum()
             slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this
             lo_mu = float(lam_hat[-1]) if exact else min(float(lam_hat[-1]), mu_lo)
@@ -128,6 +134,8 @@ class ExactReference:
             e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
             e_hi = float((base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
+            if progress is not None and not exact:
+                progress(k=k, error2=f"{e_lo:.4g}–{e_hi:.4g}")
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)
             k = min(2 * k, k_all)

@@ -172,3 +172,25 @@ def test_errors_of_a_zero_block_raise_instead_of_nan(scale):
         ref.error1(approx)
     with pytest.raises(ZeroBlockError, match="zero to rounding"):
         ref.error2(approx)
+
+
+def test_error2_reports_its_progress(monkeypatch):
+    # p = 2,440, N = 64 ≥ ARPACK_MAX_K: block Lanczos, whose tests report the Krylov dimension and
+    # accuracy; the certified mode then reports each interval, which ends within rtol.
+    monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    stats = _random(5, 64, 60, 40)
+    ref = ExactReference(stats)
+    op = fit("deflation", stats).op
+    seen = []
+    exact = ref.error2(op, progress=lambda **info: seen.append(info))
+    krylov = [info for info in seen if "krylov" in info]
+    assert krylov and all(set(info) == {"krylov", "accuracy"} for info in seen)
+    assert [i["krylov"] for i in krylov] == sorted({i["krylov"] for i in krylov})  # one report per test, growing
+    assert krylov[-1]["accuracy"] <= 1e-11 < krylov[0]["accuracy"]  # EXACT_TOL met at the last test only
+    assert ref.error2(op, progress=None).value == exact.value  # reporting changes nothing
+    seen.clear()
+    est = ref.error2(op, rtol=0.1, progress=lambda **info: seen.append(info))
+    intervals = [info for info in seen if "error2" in info]
+    lo, hi = (float(x) for x in intervals[-1]["error2"].split("–"))
+    assert intervals[-1]["k"] == est.eigenvalues.shape[0]
+    assert lo == pytest.approx(est.value - est.halfwidth, rel=1e-3) and hi == pytest.approx(est.value + est.halfwidth, rel=1e-3)
