@@ -69,6 +69,8 @@ ZERO_BLOCK = "zero block"
 FAILED = "failed"
 #: How to get the optional engine of ``workers`` and ``scheduler``.
 DASK_HINT = 'parallel analysis needs Dask: pip install "dask[distributed]" (or the fisherlab[dask] extra)'
+#: Seconds to wait for a ``scheduler`` to answer.
+CONNECT_TIMEOUT_S = 30
 
 
 def resolve_methods(methods: Iterable[str] | None) -> list[str]:
@@ -329,7 +331,7 @@ def _run_dask(
     try:
         if scheduler is not None:
             try:
-                client = distributed.Client(scheduler, timeout=30)
+                client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError, ValueError) as exc:
                 raise UserInputError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
         else:

@@ -121,3 +121,12 @@ def test_bad_worker_counts_are_refused(run_file, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exc:
         main(["analyze", str(run_file), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_unreachable_scheduler_is_one_line(run_file, monkeypatch, capsys):  # noqa: F811
+    import fisherlab.analysis as analysis_module
+
+    monkeypatch.setattr(analysis_module, "CONNECT_TIMEOUT_S", 1)
+    assert main(["analyze", str(run_file), "--scheduler", "tcp://127.0.0.1:1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in err
