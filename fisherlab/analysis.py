@@ -119,8 +119,10 @@ def analyze(
             certified half-width is stored as ``error2_halfwidth``.
         progress: show a progress bar over steps × layers.
         workers: run the blocks on a local Dask cluster of this many processes (one thread
-            each); None runs them in this process.
-        scheduler: address of a running ``dask.distributed`` scheduler to run them on instead.
+            each); None runs them in this process. The workers are spawned processes: a
+            script that passes ``workers`` needs the ``if __name__ == "__main__":`` guard.
+        scheduler: address of a running ``dask.distributed`` scheduler to run them on instead
+            (its workers need this fisherlab installed; the run file stays with the caller).
 
     Raises:
         UserInputError: a missing or foreign run file, a file open for writing elsewhere
@@ -213,7 +215,7 @@ def _numpy(arrays: dict) -> dict:
     return {k: v.detach().cpu().numpy() for k, v in arrays.items() if v is not None}
 
 
-def analyze_block(
+def _analyze_block(
     settings: _Settings, stats: BlockStats, todo: list[str], need_exact: bool, warm: Warm,
     progress: Callable[..., None] | None = None,
 ) -> tuple[list[Result], Warm]:
@@ -289,7 +291,7 @@ def _run_serial(reader: RunReader, settings: _Settings, blocks: list[tuple[int, 
                 _write(reader, step, layer, _failed(settings, todo, need_exact, exc))
             else:
                 progress = partial(_postfix, bar, step=step, layer=layer)
-                results, warm[layer] = analyze_block(settings, stats, todo, need_exact, warm.get(layer, {}), progress)
+                results, warm[layer] = _analyze_block(settings, stats, todo, need_exact, warm.get(layer, {}), progress)
                 _write(reader, step, layer, results)
         bar.update()
 
@@ -309,7 +311,7 @@ def _import_dask():
 
 def _remote_block(settings: _Settings, stats: BlockStats, todo: list[str], need_exact: bool, previous) -> tuple:
     # ``previous``: the (results, warm) of the layer's previous task, which Dask passes in.
-    return analyze_block(settings, stats, todo, need_exact, previous[1] if previous is not None else {})
+    return _analyze_block(settings, stats, todo, need_exact, previous[1] if previous is not None else {})
 
 
 def _results_of(task: tuple) -> list[Result]:

@@ -39,9 +39,12 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     )
     parallel = parser.add_mutually_exclusive_group()
     parallel.add_argument(
-        "--workers", type=int, help="analyze the blocks on a local Dask cluster of N processes (needs the dask extra)"
+        "--workers", type=int, metavar="N",
+        help="analyze the blocks on a local Dask cluster of N processes (needs the dask extra)",
     )
-    parallel.add_argument("--scheduler", help="address of a running dask.distributed scheduler to analyze the blocks on")
+    parallel.add_argument(
+        "--scheduler", metavar="ADDRESS", help="address of a running dask.distributed scheduler to analyze the blocks on"
+    )
 
 
 def analysis_kwargs(args: argparse.Namespace) -> dict:
