@@ -12,7 +12,9 @@ the same run, each copy is analyzed with every default method, exact Error 2 and
 
 The table gives each wall time, its ratio to the serial ones, and the concurrency achieved
 (the fit and error seconds the results record, summed, over the wall time: about 1 for a
-serial run, up to W for W workers when W cores are free); the last line checks that
+serial run, up to W for W workers when W cores are free) and the CPU seconds of all its
+processes (client and workers): equal CPU seconds mean the workers add no work, and a wall
+time above CPU / W then comes from other load on the machine; the last line checks that
 the distributed results equal the one-thread serial ones bit for bit (timings aside).
 Target (issue #14): workers=2 in at most 0.6 of the serial time on two cores. The machine
 load is printed: on a shared machine the other processes take cores from the workers.
@@ -25,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import time
@@ -69,14 +72,39 @@ def busy_seconds(path: Path) -> float:
         )
 
 
-def timed(label: str, run: Path, **kwargs) -> tuple[float, float]:
-    """Wall seconds of the analysis of ``run`` and its concurrency (recorded compute / wall)."""
-    start = time.perf_counter()
-    analyze(run, out_dir=run.parent / run.stem, progress=False, **kwargs)
+def _cpu_seconds() -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def timed(label: str, run: Path, workers: int | None = None) -> tuple[float, float, float]:
+    """Wall seconds of the analysis of ``run``, its concurrency (recorded compute / wall) and
+    the CPU seconds of every process involved.
+
+    With ``workers``, the local cluster is the one ``analyze(workers=...)`` starts, started
+    here (same settings) so that its processes' CPU time can be read; its start-up and
+    shut-down are counted in the wall time.
+    """
+    start, cpu = time.perf_counter(), time.process_time()
+    if workers is None:
+        analyze(run, out_dir=run.parent / run.stem, progress=False)
+        cpu = time.process_time() - cpu
+    else:
+        from dask.distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
+        with cluster, Client(cluster) as client:
+            before = sum(client.run(_cpu_seconds).values())
+            analyze(run, out_dir=run.parent / run.stem, progress=False, scheduler=cluster.scheduler_address)
+            cpu = time.process_time() - cpu + sum(client.run(_cpu_seconds).values()) - before
     seconds = time.perf_counter() - start
     concurrency = busy_seconds(run) / seconds
-    print(f"  {label:<22} {seconds:8.1f} s  concurrency {concurrency:4.2f}  (loadavg {load_avg()})", flush=True)
-    return seconds, concurrency
+    print(f"  {label:<22} {seconds:8.1f} s  concurrency {concurrency:4.2f}  CPU {cpu:6.1f} s  (loadavg {load_avg()})",
+          flush=True)
+    return seconds, concurrency, cpu
 
 
 def load_avg() -> str:
@@ -110,16 +138,18 @@ def main() -> None:
         f"every default method, exact Error 2, warm starts"
     )
     torch.set_num_threads(1)
-    serial1, c1 = timed("serial, 1 thread", copies["serial1"])
+    serial1, c1, cpu1 = timed("serial, 1 thread", copies["serial1"])
     torch.set_num_threads(default_threads)
-    serial_n, cn = timed(f"serial, {default_threads} threads", copies["serialN"])
+    serial_n, cn, cpun = timed(f"serial, {default_threads} threads", copies["serialN"])
     torch.set_num_threads(1)
-    parallel, cw = timed(f"workers={args.workers}", copies["workers"], workers=args.workers)
+    parallel, cw, cpuw = timed(f"workers={args.workers}", copies["workers"], workers=args.workers)
     header = f"{'/ serial ' + str(default_threads) + ' threads':>18}"
-    print(f"\n  {'contender':<22} {'seconds':>8}  {'/ serial 1 thread':>18}  {header}  concurrency")
-    for label, seconds, busy in (("serial, 1 thread", serial1, c1), (f"serial, {default_threads} threads", serial_n, cn),
-                                 (f"workers={args.workers}", parallel, cw)):
-        print(f"  {label:<22} {seconds:8.1f}  {seconds / serial1:18.2f}  {seconds / serial_n:18.2f}  {busy:11.2f}")
+    print(f"\n  {'contender':<22} {'seconds':>8}  {'/ serial 1 thread':>18}  {header}  concurrency  CPU s")
+    for label, seconds, busy, cpu in (
+        ("serial, 1 thread", serial1, c1, cpu1), (f"serial, {default_threads} threads", serial_n, cn, cpun),
+        (f"workers={args.workers}", parallel, cw, cpuw),
+    ):
+        print(f"  {label:<22} {seconds:8.1f}  {seconds / serial1:18.2f}  {seconds / serial_n:18.2f}  {busy:11.2f}  {cpu:5.1f}")
     same = contents(copies["workers"]) == contents(copies["serial1"])
     print(f"\n  workers={args.workers} results equal serial (1 thread) bit for bit: {same}")
     best_serial = min(serial1, serial_n)
