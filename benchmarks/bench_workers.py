@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fisherlab.analysis import analyze
+from fisherlab.analysis import _local_cluster, analyze
 from fisherlab.kron import BlockStats
 from fisherlab.store import RunReader, RunWriter
 
@@ -84,7 +83,7 @@ def timed(label: str, run: Path, workers: int | None = None) -> tuple[float, flo
     the CPU seconds of every process involved.
 
     With ``workers``, the local cluster is the one ``analyze(workers=...)`` starts, started
-    here (same settings) so that its processes' CPU time can be read; its start-up and
+    here (by the same function) so that its processes' CPU time can be read; its start-up and
     shut-down are counted in the wall time.
     """
     start, cpu = time.perf_counter(), time.process_time()
@@ -92,11 +91,10 @@ def timed(label: str, run: Path, workers: int | None = None) -> tuple[float, flo
         analyze(run, out_dir=run.parent / run.stem, progress=False)
         cpu = time.process_time() - cpu
     else:
-        from dask.distributed import Client, LocalCluster
+        import dask.distributed
 
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
-                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
-        with cluster, Client(cluster) as client:
+        cluster = _local_cluster(dask.distributed, workers)
+        with cluster, dask.distributed.Client(cluster) as client:
             before = sum(client.run(_cpu_seconds).values())
             analyze(run, out_dir=run.parent / run.stem, progress=False, scheduler=cluster.scheduler_address)
             cpu = time.process_time() - cpu + sum(client.run(_cpu_seconds).values()) - before

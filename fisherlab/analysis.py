@@ -330,6 +330,7 @@ def _run_dask(
     """
     distributed = _import_dask()
     cluster = None
+    environ = dict(os.environ)
     try:
         if scheduler is not None:
             try:
@@ -337,17 +338,40 @@ def _run_dask(
             except (OSError, TimeoutError, ValueError) as exc:
                 raise UserInputError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
         else:
-            cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
-                # no dashboard; the scheduler's HTTP server on a free port, not Dask's default 8787
-                dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
-            )
+            cluster = _local_cluster(distributed, workers)
             client = distributed.Client(cluster)
         with client:
             _schedule(client, distributed.as_completed(), reader, settings, iter(blocks), bar)
     finally:
         if cluster is not None:
             cluster.close()
+            # The nannies (threads of this process) put the workers' variables into os.environ.
+            for key in set(os.environ) - set(environ):
+                del os.environ[key]
+            os.environ.update(environ)
+
+
+#: glibc's largest mmap threshold (32 MiB on 64-bit systems).
+MMAP_THRESHOLD = 2**25
+
+
+def _local_cluster(distributed, workers: int):
+    """A cluster of ``workers`` one-thread processes, no dashboard.
+
+    Dask gives its workers ``MALLOC_TRIM_THRESHOLD_``, which also turns off glibc's adaptive
+    mmap threshold: every eigensolver temporary above 128 kB is then mapped and page-faulted
+    afresh, five times the system time of the serial loop (measured: 3.8 s against 0.7 s of
+    system time for the same blocks). A fixed threshold of 32 MiB keeps them on the heap.
+    """
+    import dask
+
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", {}) | {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+            # the scheduler's HTTP server on a free port, not Dask's default 8787
+            dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+        )
 
 
 def _schedule(client, done, reader: RunReader, settings: _Settings, blocks: Iterator, bar: tqdm) -> None:

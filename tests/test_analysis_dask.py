@@ -102,7 +102,9 @@ def test_a_killed_worker_loses_nothing(run_file, cluster, tmp_path):  # noqa: F8
 
 
 def test_cli_workers_and_a_second_analysis_is_refused(run_file, tmp_path, capsys):  # noqa: F811
+    environ = dict(os.environ)
     assert main(["analyze", str(run_file), "--workers", "2", "--quiet", "--methods", "kfac,deflation"]) == 0
+    assert dict(os.environ) == environ  # the workers' variables (OMP_NUM_THREADS=1...) do not leak
     rows = _contents(run_file)
     assert len(rows) == 3 * 2 * 3 and all(attrs["status"] == "ok" for _, attrs in rows.values())
     with RunReader(run_file, mode="a"):  # an analysis in progress holds the file open for writing
