@@ -79,6 +79,9 @@ def register(name: str) -> Callable[[Fitter], Fitter]:
 def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
     """Fit ``method`` (a name in :data:`METHODS`) to the block of ``stats``.
 
+    A zero block (:func:`is_zero_block`) gets ``rank`` zero terms, converged, with no
+    iteration and no warm-start vectors, whatever the method.
+
     Args:
         rank: number of Kronecker terms (default: the paper's choice, :data:`DEFAULT_RANK`).
         init: a previous result of the same method on the same layer, to warm-start the
@@ -87,9 +90,6 @@ def fit(method: str, stats: BlockStats, rank: int | None = None, init: FitResult
 
     Raises:
         ValueError: unknown method (the message lists the valid ones) or invalid rank.
-
-    A zero block (:func:`is_zero_block`) gets ``rank`` zero terms, converged, with no
-    iteration and no warm-start vectors, whatever the method.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -136,7 +136,7 @@ def lanczos_svd(
             + torch.linalg.matrix_norm(z_right - sigma[:, None, None] * left) ** 2
         )
         r = min(rank, sigma.shape[0])
-        # σ₁ ≥ b₁₁ = ‖Z v0‖ > 0: the one case of σ₁ = 0, an empty basis, returned above.
+        # σ₁ ≥ b₁₁ = ⟨Z v₁, u₁⟩ > 0 once the basis is not empty (the empty one returned above).
         scale = torch.clamp(sigma[:r], min=sigma[0] * 1e-12)
         residual = float((res[:r] / scale).max())
         if residual <= tol or exhausted or restart == max_restarts:
