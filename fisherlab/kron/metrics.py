@@ -88,7 +88,9 @@ class ExactReference:
         the bottom of the spectrum being clustered at zero; the square roots because a negative
         ``μ_i`` makes the ``p − i`` after it no larger, a positive one the ``i − k − 1`` before it
         no smaller), and also by ``±‖λ_{>k}(F)‖ s^{1/2}`` (Cauchy–Schwarz); ``k`` doubles from 32 until the resulting
-        interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N``.
+        interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N``. Where the
+        inertia of a two-term ``F̂`` is known (:func:`positive_count`), ``μ_i ≥ 0`` replaces the
+        lower bound for the ``i`` it certifies positive.
         ``rtol = 0`` asks for all N at once, weighted by ``λ(F)`` to :data:`EXACT_TOL`
         (:meth:`KronSum.eigenvalues`: ``Σ λ_i(F)|θ_i − μ_i| ≤ tol Σ λ_i(F)|θ_i|``; the
         eigenvalues near ``N``, weighted by the small ``λ_N(F)``, need only a few digits).
@@ -114,6 +116,7 @@ class ExactReference:
         exact = rtol <= 0 or dense
         k = k_all if exact else min(k_all, 32)
         mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i
+        positive = 0 if exact else positive_count(approx)  # μ_i > 0 for i ≤ this (inertia)
         norm = self.norm2.sqrt()
         tol = 0.0 if dense else EXACT_TOL if rtol <= 0 else tol
         while True:
@@ -129,6 +132,7 @@ class ExactReference:
             pos = torch.arange(k + 1, k_all + 1, dtype=lam_f.dtype, device=lam_f.device)
             mu_hi = torch.minimum((energy / (pos - k)).sqrt(), lam_hat[-1])
             mu_lo_i = (-(energy / (approx.p - pos + 1)).sqrt()).clamp_min(lo_mu)
+            mu_lo_i = torch.where(pos <= positive, mu_lo_i.clamp_min(0), mu_lo_i)
             tail_hi = torch.minimum((lam_f[k:] * mu_hi).sum(), cs)
             tail_lo = torch.maximum((lam_f[k:] * mu_lo_i).sum(), -cs)
             e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
@@ -139,6 +143,38 @@ class ExactReference:
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)
             k = min(2 * k, k_all)
+
+
+def positive_count(approx: KronSum) -> int:
+    """How many eigenvalues of a two-term ``F̂ = A₁ ⊗ G₁ + A₂ ⊗ G₂`` are certainly positive.
+
+    With ``A₁`` and ``G₁`` positive definite, ``F̂`` is congruent to ``I + S ⊗ T``, ``S =
+    A₁^{-1/2} A₂ A₁^{-1/2}`` and ``T`` likewise (the pencils ``(A₂, A₁)`` and ``(G₂, G₁)`` of
+    §3.4 of the paper), whose eigenvalues are ``1 + s_i t_j``: by Sylvester's law of inertia
+    ``F̂`` has as many positive eigenvalues. The sum is first restricted to its factors' ranges
+    (:meth:`KronSum.compressed`: same nonzero eigenvalues), where a fitted first term is
+    definite. A product is counted only if it clears the rounding of ``s`` and ``t``: the
+    whitening by ``α^{-1/2}`` amplifies it by the condition number ``κ`` of the first factor.
+
+    Returns:
+        0 for other sums, or where a first factor is not safely positive definite.
+    """
+    if approx.rank != 2:
+        return 0
+    small = approx.symmetrized().compressed()
+    spectra = []
+    for first, second in ((small.act[0], small.act[1]), (small.grad[0], small.grad[1])):
+        alpha, u = torch.linalg.eigh(first)
+        eps = torch.finfo(alpha.dtype).eps
+        kappa = float(alpha[-1] / alpha[0]) if alpha[0] > 0 else float("inf")
+        if not kappa * eps < 1e-3:
+            return 0
+        w = u / alpha.sqrt()
+        spectrum = torch.linalg.eigvalsh(w.mT @ second @ w)
+        spectra.append((spectrum, 10 * first.shape[0] * eps * kappa * float(spectrum.abs().max())))
+    (s, ds), (t, dt) = spectra
+    margin = s.abs()[:, None] * dt + t.abs()[None, :] * ds + ds * dt
+    return int((1 + s[:, None] * t[None, :] > margin).sum())
 
 
 @dataclass(frozen=True)
