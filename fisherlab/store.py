@@ -502,6 +502,11 @@ class RunReader:
         """Whether a complete result of ``method`` exists for this step and layer."""
         return self._analysis_group(step, layer, method) is not None
 
+    def analysis_attrs(self, step: int, layer: int, method: str) -> dict | None:
+        """The scalars of a complete result (as :meth:`read_analysis`), or None; reads no array."""
+        group = self._analysis_group(step, layer, method)
+        return None if group is None else {k: _py(v) for k, v in group.attrs.items() if k != "complete"}
+
     def read_analysis(self, step: int, layer: int, method: str) -> tuple[dict[str, np.ndarray], dict]:
         """``(arrays, attrs)`` as written by :meth:`write_analysis`.
 

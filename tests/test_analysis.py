@@ -1,4 +1,5 @@
 import csv
+import sys
 
 import h5py
 import pytest
@@ -148,3 +149,103 @@ def test_cli_names_the_new_name_of_gram_svd(run_file, capsys):
     assert main(["analyze", str(run_file), "--methods", "gram_svd", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gram_svd is now kronecker_svd" in err
+
+
+@pytest.fixture(params=[0.0, 1e-80], ids=["zero", "underflow"])
+def dead_run(tmp_path, request):
+    """Two steps of two layers; layer 2's g at step 5 is zero (dead ReLUs above it) or so small
+    that the block's squared norm underflows (zero to rounding)."""
+    path = tmp_path / "dead.h5"
+    gen = torch.Generator().manual_seed(1)
+    with RunWriter(path, {"problem": "synthetic", "fisher_type": "mc", "batch_size": 9}, LAYERS) as writer:
+        for k, step in enumerate((0, 5)):
+            stats = {i: _stats(gen, 9, *dims) for i, dims in LAYERS.items()}
+            if step == 5:
+                stats[2] = BlockStats(stats[2].a, stats[2].g * request.param)
+            writer.write_step(step, k, 1.0, stats)
+    return path
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_dead_layer_is_analyzed_with_a_zero_block_status(dead_run, capsys):
+    assert main(["analyze", str(dead_run), "--quiet"]) == 0
+    assert "zero blocks" in capsys.readouterr().out
+    rows = _csv(dead_run.parent / "errors.csv")
+    assert len(rows) == 2 * 2 * 6
+    for row in rows:
+        dead = (row["step"], row["layer"]) == ("5", "2")
+        assert row["status"] == ("zero block" if dead else "ok"), row
+        if dead:  # undefined, left empty: no NaN without a reason
+            assert row["error1"] == row["error2"] == "" and row["converged"] == "True" and row["iterations"] == "0"
+        else:
+            assert 0 <= float(row["error1"]) < 1 and 0 <= float(row["error2"]) < 1
+    with RunReader(dead_run) as reader:
+        _, attrs = reader.read_analysis(5, 2, "exact_block")
+        assert attrs["status"] == "zero block" and attrs["frobenius_norm"] < 1e-150
+        assert reader.read_analysis(5, 2, "lanczos")[1]["error1"] is None
+    # A rerun finds every row done.
+    assert main(["analyze", str(dead_run), "--quiet"]) == 0
+    assert _csv(dead_run.parent / "errors.csv") == rows
+
+
+def test_a_failing_fit_is_recorded_and_the_analysis_goes_on(run_file, monkeypatch, capsys):
+    import fisherlab.analysis as analysis_module
+
+    real_fit = analysis_module.fit
+
+    def failing_fit(method, stats, **kwargs):
+        if method == "deflation" and stats.d_grad == 5:
+            raise RuntimeError("linalg.svd: the algorithm failed to converge\nsecond line")
+        return real_fit(method, stats, **kwargs)
+
+    monkeypatch.setattr(analysis_module, "fit", failing_fit)
+    assert main(["analyze", str(run_file), "--quiet"]) == 0
+    assert "3 of 36 results failed" in capsys.readouterr().err
+    rows = _csv(run_file.parent / "errors.csv")
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert {(r["layer"], r["method"]) for r in failed} == {("2", "deflation")} and len(failed) == 3
+    assert failed[0]["status"] == "failed: RuntimeError: linalg.svd: the algorithm failed to converge"
+    assert failed[0]["error1"] == "" and failed[0]["rank"] == "2"
+    assert main(["analyze", str(run_file), "--quiet", "--strict"]) == 1  # retried, fails again
+    capsys.readouterr()
+    monkeypatch.setattr(analysis_module, "fit", real_fit)
+    assert main(["analyze", str(run_file), "--quiet", "--strict"]) == 0  # the failed rows are redone
+    assert {r["status"] for r in _csv(run_file.parent / "errors.csv")} == {"ok"}
+
+
+def test_old_results_without_status_read_and_nan_ones_are_redone(run_file):
+    analyze(run_file, methods=["kfac"], progress=False)
+    with RunReader(run_file, mode="a") as reader:  # as an older fisherlab wrote them
+        for step, layer, method in reader.analysis_keys():
+            arrays, attrs = reader.read_analysis(step, layer, method)
+            attrs.pop("status")
+            if (step, layer) == (5, 1) and method == "kfac":
+                attrs["error1"] = attrs["error2"] = float("nan")
+            reader.write_analysis(step, layer, method, arrays, attrs)
+    rows = load_results(run_file).rows
+    assert {r["status"] for r in rows} == {"ok"}
+    analyze(run_file, methods=["kfac"], progress=False)
+    with RunReader(run_file) as reader:
+        assert reader.read_analysis(5, 1, "kfac")[1]["status"] == "ok"  # redone
+        assert "status" not in reader.read_analysis(0, 1, "kfac")[1]  # kept
+
+
+def test_without_dask_the_parallel_options_say_how_to_install_it(run_file, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as if not installed
+    assert main(["analyze", str(run_file), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "dask[distributed]"' in err
+
+
+def test_the_progress_bar_names_the_method_in_hand(run_file, monkeypatch):
+    import fisherlab.analysis as analysis_module
+
+    seen = []
+    monkeypatch.setattr(analysis_module, "_postfix", lambda bar, **info: seen.append(info))
+    analyze(run_file, methods=["kfac", "lanczos"], progress=True)
+    assert seen[:2] == [{"step": 0, "layer": 1, "method": "kfac"}, {"step": 0, "layer": 1, "method": "lanczos"}]
+    assert len(seen) == 3 * 2 * 2

@@ -300,3 +300,22 @@ def test_histories_of_one_optimizer_are_told_apart(tmp_path):
     first = _history(tmp_path / "lr1e-3", optimizer="adam")
     second = _history(tmp_path / "lr1e-2", optimizer="adam")
     assert sorted(read_histories([first, second])) == ["adam (lr1e-2)", "adam (lr1e-3)"]
+
+
+def test_zero_blocks_and_failures_leave_gaps_and_blanks(tmp_path, sketches):
+    rows = _rows()
+    for r in rows:
+        if r["layer"] == 5 and r["step"] == 10:
+            r.update(error1=None, error2=None, status="zero block")
+        if r["layer"] == 2 and r["method"] == "kfac" and r["step"] == 30:
+            r.update(error1=None, error2=None, status="failed: RuntimeError: boom")
+    plots.plot_errors(rows, 5, tmp_path)
+    line = sketches["errors_layer5"].axes[0].get_lines()[0]
+    assert np.isnan(line.get_ydata()[1]) and np.isfinite(line.get_ydata()).sum() == 3
+    plots.plot_error_heatmap(rows, tmp_path, step=30)
+    panels = [ax for ax in sketches["error_heatmap_step30"].axes if ax.images]
+    assert len(panels[0].texts) == 3 * 5 - 1  # the failed fit: blank
+    assert len(panels[2].texts) == 3 * 5 - 1  # its mean too; zero blocks are left out of the means
+    mean = panels[2].images[0].get_array()
+    layer5_kfac = np.mean([r["error1"] for r in rows if r["layer"] == 5 and r["method"] == "kfac" and r["error1"] is not None])
+    assert mean[2, 0] == pytest.approx(layer5_kfac)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import sys
 
-from fisherlab.analysis import DEFAULT_METHODS, DTYPES, analyze
+from fisherlab.analysis import DEFAULT_METHODS, DTYPES, FAILED, ZERO_BLOCK, analyze
 from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.kron import METHODS
@@ -36,6 +38,14 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
         "--error2-rtol", type=float, default=0.0,
         help="relative half-width allowed on Error 2 of large multi-term approximations (default 0: exact)",
     )
+    parallel = parser.add_mutually_exclusive_group()
+    parallel.add_argument(
+        "--workers", type=int, metavar="N",
+        help="analyze the blocks on a local Dask cluster of N processes (needs the dask extra)",
+    )
+    parallel.add_argument(
+        "--scheduler", metavar="ADDRESS", help="address of a running dask.distributed scheduler to analyze the blocks on"
+    )
 
 
 def analysis_kwargs(args: argparse.Namespace) -> dict:
@@ -48,6 +58,8 @@ def analysis_kwargs(args: argparse.Namespace) -> dict:
         "warm_start": not args.no_warm_start,
         "tol": args.tol,
         "error2_rtol": args.error2_rtol,
+        "workers": args.workers,
+        "scheduler": args.scheduler,
     }
 
 
@@ -56,10 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="directory for errors.csv (default: beside the run file)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="exit with status 1 if any fit failed (default: record its reason in the status column and exit 0)",
+    )
     add_analysis_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     table = analyze(args.run, out_dir=args.out, device=str(resolve_device(args.device)), progress=not args.quiet, **analysis_kwargs(args))
     print(f"errors table: {table}")
-    return 0
+    with open(table, newline="") as fh:
+        statuses = [row["status"] for row in csv.DictReader(fh)]
+    failed = sum(s.startswith(FAILED) for s in statuses)
+    zero = statuses.count(ZERO_BLOCK)
+    if zero:
+        print(f"{zero} of {len(statuses)} results are on zero blocks (dead layers): their errors are left empty")
+    if failed:
+        print(f"{failed} of {len(statuses)} results failed; their reasons are in the status column", file=sys.stderr)
+    return 1 if failed and args.strict else 0

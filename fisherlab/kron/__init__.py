@@ -15,6 +15,7 @@ from fisherlab.kron.methods import (
 )
 from fisherlab.kron.metrics import (
     ExactReference,
+    ZeroBlockError,
     dense_error1,
     dense_error2,
     error1,
@@ -37,6 +38,7 @@ __all__ = [
     "RankOneBlock",
     "SampleBlock",
     "current_name",
+    "ZeroBlockError",
     "dense_error1",
     "dense_error2",
     "error1",

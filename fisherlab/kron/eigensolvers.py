@@ -115,6 +115,7 @@ def kron_top_eigenvalues(
     tol: float = 1e-10,
     weights: Tensor | None = None,
     seed: int = 0,
+    progress: Callable[..., None] | None = None,
 ) -> TopEigen:
     """The ``k`` algebraically largest eigenvalues of ``Σ_j A_j ⊗ G_j`` (symmetric factors), descending.
 
@@ -124,6 +125,8 @@ def kron_top_eigenvalues(
         tol: relative accuracy of the weighted sum (module docstring).
         weights: nonnegative ``w_i`` of length ``k`` (default all ones).
         seed: seed of the random start block (results are reproducible).
+        progress: called at each convergence test as ``progress(krylov=dim, accuracy=a)``,
+            ``a`` the weighted error bound over the weighted sum (done when ``a ≤ tol``).
     """
     m, n = act.shape[1], grad.shape[1]
     p = m * n
@@ -169,7 +172,10 @@ def kron_top_eigenvalues(
             gap = _gaps(top, theta, res)
             floor = 100 * eps * float(theta.abs().max())
             err = torch.where(gap > r, r**2 / gap, r).clamp_min(floor)  # rounding: T is M only to ε
-            budget = tol * float((w * top.abs()).sum())
+            weighted = float((w * top.abs()).sum())
+            budget = tol * weighted
+            if progress is not None:
+                progress(krylov=dim, accuracy=float((w * err).sum()) / weighted if weighted > 0 else 0.0)
             if float((w * err).sum()) <= budget or bool((r <= floor).all()) or nxt == 0:
                 return TopEigen(top, r, err, dim, op.products)
             # Next test: where the log-error, extrapolated linearly from the last two tests

@@ -60,6 +60,23 @@ class FitResult:
     warm: Tensor | None = field(default=None, repr=False)
 
 
+def is_zero_block(block) -> bool:
+    """Whether ``F`` is zero to rounding: ``‖F‖²_F`` below the dtype's smallest normal number.
+
+    ``F`` is a sum of PSD terms, so nothing cancels: this happens only for a block that is
+    exactly zero (``g ≡ 0``, a dead layer above) or so small that its squared entries
+    underflow, where relative errors and singular vectors are rounding noise.
+    """
+    return float(block.frobenius_norm()) ** 2 < torch.finfo(block.dtype).tiny
+
+
+def zero_fit(method: str, block, rank: int) -> FitResult:
+    """``rank`` zero terms for a zero block, converged without iterating."""
+    opts = {"dtype": block.dtype, "device": block.device}
+    op = KronSum(torch.zeros(rank, block.d_act, block.d_act, **opts), torch.zeros(rank, block.d_grad, block.d_grad, **opts))
+    return FitResult(op, FitInfo(method, rank, singular_values=torch.zeros(rank, **opts)))
+
+
 def _scaled(t: Triplets) -> tuple[Tensor, Tensor]:
     # The terms σ u vᵀ as (√σ u, √σ v), in the operator's vector shape.
     root = t.sigma.clamp_min(0).sqrt().reshape(-1, *([1] * (t.left.ndim - 1)))

@@ -12,6 +12,7 @@ Closed forms used here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -114,7 +115,10 @@ class KronSum:
         return self.inner(self).clamp_min(0).sqrt()
 
     # -- spectrum ------------------------------------------------------------------------
-    def eigenvalues(self, k: int | None = None, tol: float = 1e-8, weights: Tensor | None = None) -> Tensor:
+    def eigenvalues(
+        self, k: int | None = None, tol: float = 1e-8, weights: Tensor | None = None,
+        progress: Callable[..., None] | None = None,
+    ) -> Tensor:
         """The ``k`` algebraically largest eigenvalues (all ``p`` when ``k`` is None), descending.
 
         One term: the exact products ``α_i γ_k``. Several terms: the sum is first restricted
@@ -133,6 +137,7 @@ class KronSum:
         "Largest" is algebraic, so indefinite sums are handled. Accuracy: ``Σ w_i |θ_i − μ_i| ≤
         tol Σ w_i |θ_i|`` for the returned ``θ`` (``w`` = ``weights``, default all ones; ARPACK
         meets it pair by pair, ``|θ_i − μ_i| ≤ tol |θ_i|``). Factors are symmetrized first.
+        ``progress`` is passed to the block Lanczos solver (its Krylov dimension and accuracy).
         """
         sym = self.symmetrized()
         k = self.p if k is None else min(k, self.p)
@@ -155,7 +160,7 @@ class KronSum:
             top = top_eigenvalues(matvec, small.p, kk, self.act.dtype, self.act.device, tol=tol)
         else:
             w = None if weights is None else weights[:kk]
-            top = kron_top_eigenvalues(small.act, small.grad, kk, tol=tol, weights=w).values
+            top = kron_top_eigenvalues(small.act, small.grad, kk, tol=tol, weights=w, progress=progress).values
         return torch.sort(torch.cat([top, zeros]), descending=True).values[:k]
 
     def eigen_solver(self, k: int | None = None) -> str:

@@ -23,6 +23,8 @@ from fisherlab.kron.fitters import (
     fit_kpsvd,
     fit_kronecker_svd,
     fit_lanczos,
+    is_zero_block,
+    zero_fit,
 )
 from fisherlab.kron.solve import MAX_TERMS
 
@@ -163,6 +165,9 @@ def validate(
 def fit(method: str, stats: Block, rank: int | None = None, init: FitResult | None = None, **options) -> FitResult:
     """Fit ``method`` (a name in :data:`METHODS`) to the block ``stats``.
 
+    A zero block (:func:`~fisherlab.kron.fitters.is_zero_block`) gets ``rank`` zero terms,
+    converged, with no iteration and no warm-start vectors, whatever the method.
+
     Args:
         rank: number of Kronecker terms (default: the method's ``default_rank``).
         init: a previous result of the same method on the same layer, to warm-start the
@@ -174,6 +179,9 @@ def fit(method: str, stats: Block, rank: int | None = None, init: FitResult | No
     """
     record, rank, options = validate(method, rank, options)
     start = time.perf_counter()
-    result = record.fitter(stats, rank=rank, init=init, **options)
+    if is_zero_block(stats):
+        result = zero_fit(method, stats, rank)
+    else:
+        result = record.fitter(stats, rank=rank, init=init, **options)
     result.info.seconds = time.perf_counter() - start
     return result

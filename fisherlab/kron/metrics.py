@@ -12,10 +12,16 @@ and, since ``rank F ≤ N`` and ``λ(F) ≥ 0``,
 ``‖λ(F) − λ(F̂)‖² = ‖F‖² + ‖F̂‖² − 2 Σ_{i≤N} λ_i(F) λ_i(F̂)``, which needs only the ``N``
 algebraically largest eigenvalues of the (exactly symmetric) ``F̂``.
 The matrix-free E1 loses digits to cancellation when E1 is below about 1e-7 (float64).
+
+Both are relative to ``F`` and undefined (0/0) for a block that is zero to rounding
+(:func:`~fisherlab.kron.fitters.is_zero_block`: ``‖F‖²_F`` below the smallest normal
+number, e.g. a layer under dead ReLUs): :class:`ExactReference` then raises
+:class:`ZeroBlockError` instead of returning NaN.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -30,29 +36,49 @@ from fisherlab.kron.stats import BlockStats
 EXACT_TOL = 1e-11
 
 
+class ZeroBlockError(ValueError):
+    """A relative error was asked of a block that is zero to rounding."""
+
+
 class ExactReference:
     """What the errors need of ``F``, computed once and shared by every approximation.
 
     Attributes:
         norm2: ``‖F‖²_F`` from the kernel matrix.
+        zero: whether ``F`` is zero to rounding (``norm2`` below the dtype's smallest normal
+            number); :meth:`error1` and :meth:`error2` then raise :class:`ZeroBlockError`.
         eigenvalues: the top ``min(N, p)`` eigenvalues of F, descending.
     """
 
     def __init__(self, stats: BlockStats):
         self.stats = stats
         self.norm2 = stats.frobenius_norm() ** 2
+        self.zero = bool(self.norm2 < torch.finfo(self.norm2.dtype).tiny)
+
+    def _check_nonzero(self) -> None:
+        if self.zero:
+            raise ZeroBlockError(
+                f"the block is zero to rounding (‖F‖²_F = {float(self.norm2):.3g}): its relative errors are undefined"
+            )
 
     @cached_property
     def eigenvalues(self) -> Tensor:
         return self.stats.eigenvalues()
 
     def error1(self, approx: KronSum) -> float:
-        """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``."""
+        """Relative Frobenius error ``‖F − F̂‖_F / ‖F‖_F``.
+
+        Raises:
+            ZeroBlockError: if ``F`` is zero to rounding.
+        """
+        self._check_nonzero()
         cross = self.stats.quadratic_forms(approx.act, approx.grad).mean(dim=1).sum()
         diff2 = self.norm2 - 2 * cross + approx.inner(approx)
         return float(diff2.clamp_min(0).sqrt() / self.norm2.sqrt())
 
-    def error2(self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8) -> SpectralError:
+    def error2(
+        self, approx: KronSum, rtol: float = 0.0, tol: float = 1e-8, progress: Callable[..., None] | None = None
+    ) -> SpectralError:
         """Relative spectral error, certified to ``rtol``, and the eigenvalues of ``F̂`` it used.
 
         With the top ``k ≤ N`` eigenvalues ``μ`` of ``F̂`` known and ``s = ‖F̂‖² − Σ_{i≤k} μ_i²``
@@ -62,7 +88,9 @@ class ExactReference:
         the bottom of the spectrum being clustered at zero; the square roots because a negative
         ``μ_i`` makes the ``p − i`` after it no larger, a positive one the ``i − k − 1`` before it
         no smaller), and also by ``±‖λ_{>k}(F)‖ s^{1/2}`` (Cauchy–Schwarz); ``k`` doubles from 32 until the resulting
-        interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N``.
+        interval on Error 2 has half-width ``≤ rtol · Error 2``, or ``k = N``. Where the
+        inertia of a two-term ``F̂`` is known (:func:`positive_count`), ``μ_i ≥ 0`` replaces the
+        lower bound for the ``i`` it certifies positive.
         ``rtol = 0`` asks for all N at once, weighted by ``λ(F)`` to :data:`EXACT_TOL`
         (:meth:`KronSum.eigenvalues`: ``Σ λ_i(F)|θ_i − μ_i| ≤ tol Σ λ_i(F)|θ_i|``; the
         eigenvalues near ``N``, weighted by the small ``λ_N(F)``, need only a few digits).
@@ -72,7 +100,14 @@ class ExactReference:
         Args:
             rtol: relative half-width allowed on Error 2.
             tol: residual tolerance of the iterative eigensolver for large multi-term ``F̂``.
+            progress: told of the work inside a long Error 2 as keyword arguments: the block
+                Lanczos solver's ``krylov`` dimension and ``accuracy``, then, in the certified
+                mode, each interval ``k`` (eigenvalues known) and ``error2`` (``"lo–hi"``).
+
+        Raises:
+            ZeroBlockError: if ``F`` is zero to rounding.
         """
+        self._check_nonzero()
         approx = approx.symmetrized()
         lam_f = self.eigenvalues
         k_all = lam_f.shape[0]
@@ -81,10 +116,11 @@ class ExactReference:
         exact = rtol <= 0 or dense
         k = k_all if exact else min(k_all, 32)
         mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i
+        positive = 0 if exact else positive_count(approx)  # μ_i > 0 for i ≤ this (inertia)
         norm = self.norm2.sqrt()
         tol = 0.0 if dense else EXACT_TOL if rtol <= 0 else tol
         while True:
-            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k])
+            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k], progress=progress)
             known = (lam_f[:k] * lam_hat).sum()
             slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this
             lo_mu = float(lam_hat[-1]) if exact else min(float(lam_hat[-1]), mu_lo)
@@ -96,14 +132,49 @@ class ExactReference:
             pos = torch.arange(k + 1, k_all + 1, dtype=lam_f.dtype, device=lam_f.device)
             mu_hi = torch.minimum((energy / (pos - k)).sqrt(), lam_hat[-1])
             mu_lo_i = (-(energy / (approx.p - pos + 1)).sqrt()).clamp_min(lo_mu)
+            mu_lo_i = torch.where(pos <= positive, mu_lo_i.clamp_min(0), mu_lo_i)
             tail_hi = torch.minimum((lam_f[k:] * mu_hi).sum(), cs)
             tail_lo = torch.maximum((lam_f[k:] * mu_lo_i).sum(), -cs)
             e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
             e_hi = float((base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / norm)
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
+            if progress is not None and not exact:
+                progress(k=k, error2=f"{e_lo:.4g}–{e_hi:.4g}")
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)
             k = min(2 * k, k_all)
+
+
+def positive_count(approx: KronSum) -> int:
+    """How many eigenvalues of a two-term ``F̂ = A₁ ⊗ G₁ + A₂ ⊗ G₂`` are certainly positive.
+
+    With ``A₁`` and ``G₁`` positive definite, ``F̂`` is congruent to ``I + S ⊗ T``, ``S =
+    A₁^{-1/2} A₂ A₁^{-1/2}`` and ``T`` likewise (the pencils ``(A₂, A₁)`` and ``(G₂, G₁)`` of
+    §3.4 of the paper), whose eigenvalues are ``1 + s_i t_j``: by Sylvester's law of inertia
+    ``F̂`` has as many positive eigenvalues. The sum is first restricted to its factors' ranges
+    (:meth:`KronSum.compressed`: same nonzero eigenvalues), where a fitted first term is
+    definite. A product is counted only if it clears the rounding of ``s`` and ``t``: the
+    whitening by ``α^{-1/2}`` amplifies it by the condition number ``κ`` of the first factor.
+
+    Returns:
+        0 for other sums, or where a first factor is not safely positive definite.
+    """
+    if approx.rank != 2:
+        return 0
+    small = approx.symmetrized().compressed()
+    spectra = []
+    for first, second in ((small.act[0], small.act[1]), (small.grad[0], small.grad[1])):
+        alpha, u = torch.linalg.eigh(first)
+        eps = torch.finfo(alpha.dtype).eps
+        kappa = float(alpha[-1] / alpha[0]) if alpha[0] > 0 else float("inf")
+        if not kappa * eps < 1e-3:
+            return 0
+        w = u / alpha.sqrt()
+        spectrum = torch.linalg.eigvalsh(w.mT @ second @ w)
+        spectra.append((spectrum, 10 * first.shape[0] * eps * kappa * float(spectrum.abs().max())))
+    (s, ds), (t, dt) = spectra
+    margin = s.abs()[:, None] * dt + t.abs()[None, :] * ds + ds * dt
+    return int((1 + s[:, None] * t[None, :] > margin).sum())
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,11 @@ def lanczos_svd(
                 exhausted = True
                 break
             v_basis.append(w)
+        if not u_basis:
+            # Z v0 = 0: no Krylov space to search. Zero triplets, not converged (v0 may merely lie
+            # in Z's null space); fit() answers a zero block before any solver runs.
+            zeros = v0.new_zeros(rank, *zv[0].shape)
+            return Triplets(v0.new_zeros(rank), zeros, v0.new_zeros(rank, *v0.shape), iterations, 0.0, False)
         vk = torch.stack(v_basis[: len(zv)])
         uk, zvk, ztuk = torch.stack(u_basis), torch.stack(zv), torch.stack(ztu)
         b = frobenius_inner(zvk, uk)  # U_kᵀ Z V_k
@@ -131,7 +136,8 @@ def lanczos_svd(
             + torch.linalg.matrix_norm(z_right - sigma[:, None, None] * left) ** 2
         )
         r = min(rank, sigma.shape[0])
-        scale = torch.clamp(sigma[:r], min=sigma[0] * 1e-12) if sigma[0] > 0 else torch.ones(r)
+        # σ₁ ≥ b₁₁ = ⟨Z v₁, u₁⟩ > 0 once the basis is not empty (the empty one returned above).
+        scale = torch.clamp(sigma[:r], min=sigma[0] * 1e-12)
         residual = float((res[:r] / scale).max())
         if residual <= tol or exhausted or restart == max_restarts:
             return Triplets(sigma[:r], left[:r], right[:r], iterations, residual, residual <= tol or exhausted)

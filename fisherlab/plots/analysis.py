@@ -31,6 +31,10 @@ from fisherlab.plots.style import save_figure
 if TYPE_CHECKING:
     from fisherlab.analysis import Results
 
+#: Status of a result on a block that is zero to rounding (``fisherlab.analysis.ZERO_BLOCK``,
+#: not imported: that module imports torch).
+ZERO_BLOCK = "zero block"
+
 #: The two errors of docs/design.md §2.4: column of the results table → (name, kind, formula).
 ERRORS = {
     "error1": ("Error 1", "relative Frobenius", "‖F − F̂‖$_F$ / ‖F‖$_F$"),
@@ -82,7 +86,8 @@ def plot_errors(
     """Error 1 and Error 2 of one layer against the training step, one line per method.
 
     The paper's Figure 1 (for layer 5). A panel gets a log y-axis when its values span more
-    than :data:`LOG_RANGE`, a linear one from 0 otherwise.
+    than :data:`LOG_RANGE`, a linear one from 0 otherwise. A step whose error is undefined
+    (a zero block) or whose fit failed leaves a gap in its line.
 
     Args:
         rows: results-table rows with at least ``step, layer, method, error1, error2``.
@@ -102,13 +107,13 @@ def plot_errors(
     axes = fig.subplots(1, 2, sharex=True)
     for ax, (key, (name, kind, formula)) in zip(axes, ERRORS.items()):
         for method in methods:
-            points = sorted((r["step"], float(r[key])) for r in rows if r["method"] == method)
+            points = sorted((r["step"], _error(r, key)) for r in rows if r["method"] == method)
             steps, values = zip(*points)
             ax.plot(
                 steps, values, color=style.color(method), marker=style.marker(method) or None,
                 markevery=_markevery(len(steps)), markersize=5, linewidth=1.5, label=style.label(method),
             )
-        _scale_y(ax, [float(r[key]) for r in rows])
+        _scale_y(ax, [_error(r, key) for r in rows])
         ax.set_xlabel("training step (iteration)")
         ax.set_ylabel(f"{name} = {formula}")
         ax.set_title(f"{name} ({kind})")
@@ -130,8 +135,9 @@ def plot_error_heatmap(
 
     Top row: the errors at ``step``; bottom row: their arithmetic mean over every recorded
     step. The two panels of one error share a colour scale (logarithmic when the values span
-    more than :data:`LOG_RANGE`); cells are annotated; missing or non-finite results are left
-    blank.
+    more than :data:`LOG_RANGE`); cells are annotated; missing, failed or non-finite results
+    are left blank; the mean leaves out zero blocks (status ``zero block``), whose errors are
+    undefined.
 
     Args:
         rows: results-table rows with at least ``step, layer, method, error1, error2``.
@@ -160,9 +166,10 @@ def plot_error_heatmap(
         mean = np.full_like(at_step, np.nan)
         for (layer, method), cell in cells.items():
             i, j = layers.index(layer), methods.index(method)
-            values = {r["step"]: float(r[key]) for r in cell}
+            values = {r["step"]: _error(r, key) for r in cell if r.get("status") != ZERO_BLOCK}
             at_step[i, j] = values.get(step, np.nan)
-            mean[i, j] = np.mean(list(values.values()))  # a failed (NaN) fit stays visible as a blank
+            # Zero blocks have no error to average; a failed (NaN) fit stays visible as a blank.
+            mean[i, j] = np.mean(list(values.values())) if values else np.nan
         grids[key] = (at_step, mean)
     # Height grows with the layers, with a floor that leaves room for the colour-bar labels.
     fig = Figure(figsize=(2.4 + 1.9 * len(methods), max(5.5, 1.6 + 0.9 * len(layers))), layout="constrained")
@@ -353,6 +360,13 @@ def _listing(values: Sequence[int]) -> str:
     if len(values) <= 8:
         return ", ".join(map(str, values))
     return f"{', '.join(map(str, values[:3]))}, …, {', '.join(map(str, values[-2:]))} ({len(values)} in all)"
+
+
+def _error(row: Mapping, key: str) -> float:
+    """An error of a results row; NaN (a gap in a line, a blank cell) where it is undefined
+    (status ``zero block``) or its fit failed."""
+    value = row[key]
+    return np.nan if value is None or value == "" else float(value)
 
 
 def _eps(values: np.ndarray) -> float:

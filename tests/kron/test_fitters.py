@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
+from fisherlab.kron.fitters import is_zero_block
+from fisherlab.kron.partial_svd import lanczos_svd
+from fisherlab.kron.rearranged import rearranged
 from fisherlab.kron.layout import rearrange, unvec, vec
 
 from tests.conftest import CASES, _random, cuda
@@ -164,3 +167,61 @@ def test_kronsum_algebra():
     assert torch.allclose(op @ x, dense @ x, rtol=1e-12)
     assert torch.allclose(op @ x[:, 0], dense @ x[:, 0], rtol=1e-12)
     assert torch.allclose(vec(op.matvec(unvec(x[:, 0], 2, 3))), dense @ x[:, 0], rtol=1e-12)
+
+
+def _zero_blocks() -> dict[str, BlockStats]:
+    stats = CASES["network"]()
+    # g ≡ 0 (dead ReLUs above); and g ~ 1e-80, whose block (~1e-160) has a squared norm that
+    # underflows float64's normal range: zero to rounding.
+    return {"zero": BlockStats(stats.a, torch.zeros_like(stats.g)), "underflow": BlockStats(stats.a, stats.g * 1e-80)}
+
+
+@pytest.mark.parametrize("case", ["zero", "underflow"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_zero_block_gives_the_zero_operator_at_once(method, case):
+    stats = _zero_blocks()[case]
+    assert is_zero_block(stats)
+    warm = fit(method, CASES["network"]()) if method not in ("kfac", "kronecker_svd") else None
+    result = fit(method, stats, init=warm)
+    assert result.info.converged and result.info.iterations == 0 and result.info.residual == 0
+    assert result.op.rank == METHODS[method].default_rank and result.warm is None
+    assert torch.count_nonzero(result.op.to_dense()) == 0
+    assert torch.count_nonzero(result.info.singular_values) == 0
+
+
+def test_zero_block_test_is_the_underflow_of_the_squared_norm():
+    stats = CASES["network"]()
+    tiny = torch.finfo(torch.float64).tiny
+    assert not is_zero_block(stats)
+    assert not is_zero_block(BlockStats(stats.a, stats.g * 1e-60))  # ‖F‖ ~ 1e-120: ‖F‖² is normal
+    for scale in (1e-60, 1e-80):
+        norm2 = float(BlockStats(stats.a, stats.g * scale).frobenius_norm()) ** 2
+        assert is_zero_block(BlockStats(stats.a, stats.g * scale)) == (norm2 < tiny)
+    # float32 underflows far sooner: a block that is plainly nonzero in float64 is zero to rounding there.
+    small = BlockStats(stats.a, stats.g * 1e-12)
+    assert not is_zero_block(small) and is_zero_block(small.to(torch.float32))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_lanczos_solver_returns_unconverged_zero_triplets_when_the_start_is_annihilated(rank):
+    stats = _zero_blocks()["zero"]
+    op = rearranged(stats)
+    v0 = op.right_of(torch.eye(stats.d_grad, dtype=stats.dtype)[None])[0]
+    t = lanczos_svd(op, v0, rank)
+    assert t.sigma.shape == (rank,) and torch.count_nonzero(t.sigma) == 0 and not t.converged
+    assert t.left.shape[0] == rank and t.right.shape == (rank, *v0.shape)
+
+
+@cuda
+@pytest.mark.parametrize("case", ["zero", "underflow", "network"])
+def test_cuda_lanczos_keeps_everything_on_the_device(case):
+    stats = CASES["network"]() if case == "network" else _zero_blocks()[case]
+    on_gpu = stats.to(device="cuda")
+    op = rearranged(on_gpu)
+    v0 = op.right_of(torch.eye(stats.d_grad, dtype=stats.dtype, device="cuda")[None])[0]
+    t = lanczos_svd(op, v0, 2)
+    assert t.sigma.device.type == t.left.device.type == t.right.device.type == "cuda"
+    result = fit("lanczos", on_gpu)
+    assert result.op.act.device.type == "cuda"
+    ref = fit("lanczos", stats).op.to_dense()
+    assert torch.linalg.matrix_norm(result.op.to("cpu").to_dense() - ref) <= 1e-8 * max(1.0, float(torch.linalg.matrix_norm(ref)))

@@ -7,6 +7,7 @@ from fisherlab.kron import (
     BlockStats,
     ExactReference,
     KronSum,
+    ZeroBlockError,
     dense_error1,
     dense_error2,
     error1,
@@ -158,3 +159,96 @@ def test_error2_is_exact_when_the_restricted_sum_is_small():
     e2 = ref.error2(op)
     assert e2.halfwidth == 0
     assert e2.value <= 1e-7 and ref.error1(op) <= 1e-7
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-80])
+def test_errors_of_a_zero_block_raise_instead_of_nan(scale):
+    stats = CASES["network"]()
+    zero = BlockStats(stats.a, stats.g * scale)
+    ref = ExactReference(zero)
+    assert ref.zero and not ExactReference(stats).zero
+    approx = fit("kfac", stats).op
+    with pytest.raises(ZeroBlockError, match="zero to rounding"):
+        ref.error1(approx)
+    with pytest.raises(ZeroBlockError, match="zero to rounding"):
+        ref.error2(approx)
+
+
+def test_error2_reports_its_progress(monkeypatch):
+    # p = 2,440, N = 64 ≥ ARPACK_MAX_K: block Lanczos, whose tests report the Krylov dimension and
+    # accuracy; the certified mode then reports each interval, which ends within rtol.
+    monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    stats = _random(5, 64, 60, 40)
+    ref = ExactReference(stats)
+    op = fit("deflation", stats).op
+    seen = []
+    exact = ref.error2(op, progress=lambda **info: seen.append(info))
+    krylov = [info for info in seen if "krylov" in info]
+    assert krylov and all(set(info) == {"krylov", "accuracy"} for info in seen)
+    assert [i["krylov"] for i in krylov] == sorted({i["krylov"] for i in krylov})  # one report per test, growing
+    assert krylov[-1]["accuracy"] <= 1e-11 < krylov[0]["accuracy"]  # EXACT_TOL met at the last test only
+    assert ref.error2(op, progress=None).value == exact.value  # reporting changes nothing
+    seen.clear()
+    est = ref.error2(op, rtol=0.1, progress=lambda **info: seen.append(info))
+    intervals = [info for info in seen if "error2" in info]
+    lo, hi = (float(x) for x in intervals[-1]["error2"].split("–"))
+    assert intervals[-1]["k"] == est.eigenvalues.shape[0]
+    assert lo == pytest.approx(est.value - est.halfwidth, rel=1e-3) and hi == pytest.approx(est.value + est.halfwidth, rel=1e-3)
+
+
+def _two_terms(seed: int, m: int, n: int, scale: float) -> KronSum:
+    gen = torch.Generator().manual_seed(seed)
+
+    def spd(d):
+        x = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        return x @ x.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+    def sym(d):
+        x = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        return scale * (x + x.T) / 2
+
+    return KronSum(torch.stack([spd(m), sym(m)]), torch.stack([spd(n), sym(n)]))
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5, 3.0])
+def test_positive_count_is_the_inertia_of_two_term_sums(scale):
+    from fisherlab.kron.metrics import positive_count
+
+    op = _two_terms(3, 7, 5, scale)
+    dense = torch.linalg.eigvalsh(op.to_dense())
+    exact = int((dense > 0).sum())
+    assert positive_count(op) == exact  # well conditioned: every product clears its rounding margin
+    assert (scale < 0.1) == (exact == op.p)  # a small second term leaves F̂ definite, a large one does not
+
+
+def test_positive_count_of_fitted_sums_never_overcounts(stats):
+    from fisherlab.kron.metrics import positive_count
+
+    for method in ("deflation", "kfac_corrected", "kronecker_svd"):
+        op = fit(method, stats, **({} if method == "kronecker_svd" else {"tol": 1e-12})).op
+        dense = torch.linalg.eigvalsh(op.symmetrized().to_dense())
+        assert positive_count(op) <= int((dense > 1e-12 * dense.abs().max()).sum())
+    assert positive_count(fit("kfac", stats).op) == 0  # one term: not the two-term pencil
+
+
+def test_inertia_narrows_the_certified_interval(monkeypatch):
+    # p = 2,440, N = 64: the interval at k = 32 (rtol = 0.1) is set by the bounds on the unknown μ_i;
+    # certifying the top N of them positive narrows it (by a fifth here: these spectra decay slowly).
+    import fisherlab.kron.metrics as metrics_module
+
+    monkeypatch.setattr(operator_module, "DENSE_EIG_LIMIT", 0)
+    stats = _random(5, 64, 60, 40)
+    ref = ExactReference(stats)
+    for method in ("deflation", "kfac_corrected"):
+        op = fit(method, stats).op
+        exact = dense_error2(stats.to_dense(), op.to_dense())
+        dense = torch.linalg.eigvalsh(op.symmetrized().to_dense())
+        assert 64 <= metrics_module.positive_count(op) <= int((dense > 0).sum())
+        with_inertia = ref.error2(op, rtol=0.1)
+        with monkeypatch.context() as patch:
+            patch.setattr(metrics_module, "positive_count", lambda approx: 0)
+            without = ref.error2(op, rtol=0.1)
+        assert with_inertia.eigenvalues.shape[0] == without.eigenvalues.shape[0] == 32
+        for est in (with_inertia, without):
+            assert abs(est.value - exact) <= est.halfwidth + 1e-12
+        assert with_inertia.halfwidth < 0.9 * without.halfwidth
