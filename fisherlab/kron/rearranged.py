@@ -213,12 +213,13 @@ class Rearranged:
     def __init__(self, block, act: Tensor | None = None, grad: Tensor | None = None, factors: ZFactors | None = None):
         self.block = block
         self.factors = block.rearranged_factors() if factors is None else factors
-        self.act = block.a.new_zeros(0, block.d_act, block.d_act) if act is None else act
-        self.grad = block.a.new_zeros(0, block.d_grad, block.d_grad) if grad is None else grad
+        opts = {"dtype": block.dtype, "device": block.device}
+        self.act = torch.zeros(0, block.d_act, block.d_act, **opts) if act is None else act
+        self.grad = torch.zeros(0, block.d_grad, block.d_grad, **opts) if grad is None else grad
 
     def minus(self, left: Tensor, right: Tensor) -> Rearranged:
         """This operator with the terms ``vec(L_j) vec(R_j)ᵀ`` removed too (stacked vectors)."""
-        return Rearranged(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
+        return type(self)(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
 
     def matvec(self, v: Tensor) -> Tensor:
         return _minus_terms(self.block.z_matvec(v), self.act, self.grad, v)
@@ -307,8 +308,11 @@ def rearranged(block) -> Rearranged | GramRearranged:
     the Cholesky factors and triangular inverses (an eigendecomposition, ``≈ 20 N³``, only where
     those are ill-conditioned). A direct product pair costs ``≈ 4 N (m² + n²)`` and a
     warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
-    about ``N² ≈ 4 (m² + n²)`` on.
+    about ``N² ≈ 4 (m² + n²)`` on. A block that is not of that form (a weight-shared layer's,
+    :mod:`fisherlab.kron.shared`) supplies its own operator.
     """
+    if hasattr(block, "z_operator"):
+        return block.z_operator()
     if "z_coordinates" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
         return block.z_coordinates
     return Rearranged(block)
@@ -323,6 +327,8 @@ def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
+    if hasattr(block, "z_operator"):  # no Gram coordinates: the block decomposes itself
+        return block.kronecker_svd(rank)
     z = block.z_coordinates
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])

@@ -1,0 +1,335 @@
+"""The exact Fisher block of a layer whose weight is shared over positions.
+
+A convolution applies its weight at every spatial position of its unfolded input, a
+``Linear`` on ``(B, T, d)`` inputs at every token. With ``ā_{n,t}`` (length ``m``) and
+``g_{n,t}`` (length ``n``) at position ``t``, the per-sample gradient of ``W`` (n × m) is
+``∇W_n = Σ_t g_{n,t} ā_{n,t}ᵀ``; with ``P_n = ∇W_nᵀ`` (m × n),
+
+.. math::
+    F = \\frac1N \\sum_n \\operatorname{vec}(P_n^\\top)\\operatorname{vec}(P_n^\\top)^\\top,\\qquad
+    Z(F)\\operatorname{vec}(V) = \\frac1N \\sum_n \\operatorname{vec}(P_n V P_n^\\top),\\qquad
+    Z(F)^\\top\\operatorname{vec}(U) = \\frac1N \\sum_n \\operatorname{vec}(P_n^\\top U P_n),
+
+and ``F = ΦΦᵀ/N`` with ``Φ = [vec(∇W_n)]``, whose kernel ``ΦᵀΦ = K``, ``K_nm = ⟨P_n, P_m⟩_F``,
+gives the nonzero eigenvalues of F (those of ``K/N``) and ``‖F‖_F = ‖K‖_F / N``. For ``T = 1``
+this is :class:`~fisherlab.kron.stats.BlockStats`, which stays the fast path for such layers.
+
+``P_n`` is stored densely, ``(N, m, n)``, when ``m n ≤ T (m + n)`` (convolutions), else in
+factored form, the positions ``Ā_n`` (T × m) and ``G_n`` (T × n) themselves (long sequences
+through small layers are the rare other case).
+
+KFAC has two published forms for such layers (``Ā`` and ``G`` averaged over the N samples):
+
+- expand (Grosse & Martens 2016): positions count as samples,
+  ``A = (1/(N T)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ``, ``G = (1/N) Σ_{n,t} g_{n,t} g_{n,t}ᵀ``;
+- reduce (Eschenhagen et al. 2023): positions are summed out first, ``ā̄_n = (1/T) Σ_t ā_{n,t}``,
+  ``ĝ_n = Σ_t g_{n,t}``, ``A = (1/N) Σ_n ā̄_n ā̄_nᵀ``, ``G = (1/N) Σ_n ĝ_n ĝ_nᵀ``: KFAC of the
+  rank-one blocks ``ā̄_n ĝ_nᵀ``, which equal ``P_n`` where the input does not vary over positions.
+
+Both equal BlockStats's KFAC at ``T = 1``.
+
+References:
+    Grosse & Martens, *A Kronecker-factored approximate Fisher matrix for convolution
+    layers*, ICML 2016. Eschenhagen et al., *Kronecker-Factored Approximate Curvature for
+    Modern Neural Network Architectures*, NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from fisherlab.kron.layout import rearrange, unvec
+from fisherlab.kron.partial_svd import lanczos_svd
+from fisherlab.kron.rearranged import KroneckerSVD, Rearranged, linear_combination
+from fisherlab.kron.stats import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
+
+#: The two KFAC forms for weight-sharing layers.
+KFAC_FORMS = ("expand", "reduce")
+STORAGES = ("dense", "factored")
+#: Entries of the largest transient tensor the factored kernel builds per chunk of samples.
+_CHUNK_ENTRIES = 2**24
+
+
+class SharedBlock:
+    """Per-sample gradients ``P_n`` of one weight-sharing layer's exact Fisher block.
+
+    Args:
+        act: ``(B, T, m)`` unfolded inputs ``ā_{b,t}`` (bias column 0 when there is one).
+        grad: ``(N, T, n)`` output gradients ``g_{r,t}``, ``N = K B`` rows draw-major: row
+            ``r`` belongs to input ``r mod B`` (``K`` target draws, or ``K`` columns of a
+            Hessian square root, per input).
+        kfac: which KFAC form :meth:`kfac_factors` returns, ``"expand"`` or ``"reduce"``.
+        storage: ``"dense"`` or ``"factored"``; by default the smaller one.
+
+    Raises:
+        ValueError: on inconsistent shapes, dtypes or an unknown option.
+    """
+
+    def __init__(self, act: Tensor, grad: Tensor, *, kfac: str = "expand", storage: str | None = None):
+        if act.ndim != 3 or grad.ndim != 3:
+            raise ValueError(f"act and grad must be 3-D (samples, positions, features), got {tuple(act.shape)} and {tuple(grad.shape)}")
+        b, t, m = act.shape
+        if b == 0 or grad.shape[0] % b or grad.shape[1] != t:
+            raise ValueError(f"grad {tuple(grad.shape)} needs a positive multiple of act's {b} rows and its {t} positions")
+        if act.dtype != grad.dtype or act.device != grad.device or not act.is_floating_point():
+            raise ValueError("act and grad must be floating point and share dtype and device")
+        if kfac not in KFAC_FORMS:
+            raise ValueError(f"unknown KFAC form {kfac!r}; choose from {', '.join(KFAC_FORMS)}")
+        n = grad.shape[2]
+        if storage is None:
+            storage = "dense" if m * n <= t * (m + n) else "factored"
+        elif storage not in STORAGES:
+            raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGES)}")
+        draws = grad.shape[0] // b
+        mean_act = act.mean(dim=1)
+        sum_grad = grad.sum(dim=1)
+        flat_act, flat_grad = act.reshape(-1, m), grad.reshape(-1, n)
+        self._pairs = {
+            "expand": (_sym(flat_act.T @ flat_act / (b * t)), _sym(flat_grad.T @ flat_grad / grad.shape[0])),
+            "reduce": (_sym(mean_act.T @ mean_act / b), _sym(sum_grad.T @ sum_grad / grad.shape[0])),
+        }
+        self.kfac_form, self.storage, self.positions = kfac, storage, t
+        self._shape = (grad.shape[0], m, n)
+        if storage == "dense":
+            # P_r = Ā_bᵀ G_r for every draw at once: one bmm over the inputs, no repeated Ā.
+            stacked = grad.reshape(draws, b, t, n).permute(1, 2, 0, 3).reshape(b, t, draws * n)
+            p = (act.mT @ stacked).reshape(b, m, draws, n).permute(2, 0, 1, 3).reshape(-1, m, n)
+            self.act = self.grad = None
+            self.p_samples = p
+        else:
+            self.act, self.grad, self.p_samples = act, grad, None
+
+    @classmethod
+    def _of(cls, state: dict) -> SharedBlock:
+        block = cls.__new__(cls)
+        block.__dict__.update(state)
+        return block
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        """``N``, the number of per-sample terms (inputs times draws)."""
+        return self._shape[0]
+
+    @property
+    def d_act(self) -> int:
+        """``m``, the activation-side dimension (unfolded input, plus 1 with a bias)."""
+        return self._shape[1]
+
+    @property
+    def d_grad(self) -> int:
+        """``n = d_out``, the gradient-side dimension."""
+        return self._shape[2]
+
+    @property
+    def p(self) -> int:
+        """Size of the block, ``m n``."""
+        return self.d_act * self.d_grad
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._pairs["expand"][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._pairs["expand"][0].device
+
+    @property
+    def draws(self) -> int:
+        """``K``, the rows of ``grad`` per input."""
+        return 1 if self.act is None else self.n_samples // self.act.shape[0]
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> SharedBlock:
+        """A copy in another dtype or on another device."""
+        def move(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
+        state = {k: v for k, v in vars(self).items() if k in ("kfac_form", "storage", "positions", "_shape")}
+        state.update(act=move(self.act), grad=move(self.grad), p_samples=move(self.p_samples),
+                     _pairs={k: (move(a), move(g)) for k, (a, g) in self._pairs.items()})
+        return SharedBlock._of(state)
+
+    # -- the block ------------------------------------------------------------------------
+    def kfac_factors(self, form: str | None = None) -> tuple[Tensor, Tensor]:
+        """KFAC's factors ``(A, G)`` in ``form`` (default: the block's, :attr:`kfac_form`); see
+        the module docstring. Symmetrized; do not modify them."""
+        form = self.kfac_form if form is None else form
+        if form not in KFAC_FORMS:
+            raise ValueError(f"unknown KFAC form {form!r}; choose from {', '.join(KFAC_FORMS)}")
+        return self._pairs[form]
+
+    def with_kfac(self, form: str) -> SharedBlock:
+        """The same block whose :meth:`kfac_factors` (and so KFAC, KFAC-corrected) use ``form``."""
+        if form not in KFAC_FORMS:
+            raise ValueError(f"unknown KFAC form {form!r}; choose from {', '.join(KFAC_FORMS)}")
+        state = {k: v for k, v in vars(self).items() if k in ("act", "grad", "p_samples", "storage", "positions", "_shape", "_pairs")}
+        return SharedBlock._of({**state, "kfac_form": form})
+
+    def z_matvec(self, v: Tensor) -> Tensor:
+        """``Z(F) vec(V) = (1/N) Σ_n vec(P_n V P_nᵀ)`` for ``V`` of shape (..., n, n); (..., m, m)."""
+        if self.p_samples is not None:
+            return _sandwich(self.p_samples, v, self._p_rows) / self.n_samples
+        # Σ_r Ā_bᵀ (G_r V G_rᵀ) Ā_b: the T × T middles of one input's draws add up first.
+        mid = (self.grad @ v[..., None, :, :]) @ self.grad.mT
+        mid = mid.unflatten(-3, (self.draws, -1)).sum(-4)
+        return ((self.act.mT @ mid) @ self.act).sum(-3) / self.n_samples
+
+    def z_rmatvec(self, u: Tensor) -> Tensor:
+        """``Z(F)ᵀ vec(U) = (1/N) Σ_n vec(P_nᵀ U P_n)`` for ``U`` of shape (..., m, m); (..., n, n)."""
+        if self.p_samples is not None:
+            return _sandwich(self._p_transposed, u, self._pt_rows) / self.n_samples
+        mid = (self.act @ u[..., None, :, :]) @ self.act.mT  # (..., B, T, T)
+        grad = self.grad.unflatten(0, (self.draws, -1))
+        return ((grad.mT @ mid[..., None, :, :, :]) @ grad).sum((-4, -3)) / self.n_samples
+
+    @cached_property
+    def _p_rows(self) -> Tensor:
+        # [P_1 … P_N] side by side, (m, N n): the second product of a sandwich is one matmul.
+        return self.p_samples.transpose(0, 1).reshape(self.d_act, -1)
+
+    @cached_property
+    def _p_transposed(self) -> Tensor:
+        return self.p_samples.mT.contiguous()
+
+    @cached_property
+    def _pt_rows(self) -> Tensor:
+        return self._p_transposed.transpose(0, 1).reshape(self.d_grad, -1)
+
+    def quadratic_forms(self, act: Tensor, grad: Tensor) -> Tensor:
+        """``vec(∇W_n)ᵀ (A_j ⊗ G_j) vec(∇W_n) = ⟨A_j P_n, P_n G_j⟩_F`` for stacked factors ``act``
+        (r, m, m) and ``grad`` (r, n, n); an ``(r, N)`` tensor whose row means are ``⟨F, A_j ⊗ G_j⟩``."""
+        if self.p_samples is not None:
+            p = self.p_samples
+            return ((act[:, None] @ p) * (p @ grad[:, None])).sum((-2, -1))
+        # ⟨G_n G_j G_nᵀ, Ā_n A_j Ā_nᵀ⟩ on T × T matrices.
+        left = (self.act @ act[:, None]) @ self.act.mT  # (r, B, T, T)
+        right = ((self.grad @ grad[:, None]) @ self.grad.mT).unflatten(1, (self.draws, -1))  # (r, K, B, T, T)
+        return (right * left[:, None]).sum((-2, -1)).flatten(1)
+
+    def gram_matrix(self) -> Tensor:
+        """``K/N`` with ``K_nm = ⟨P_n, P_m⟩_F``: its eigenvalues are the nonzero eigenvalues of F."""
+        if self.p_samples is not None:
+            phi = self.p_samples.flatten(1)
+            return phi @ phi.T / self.n_samples
+        # Σ_{t,s} (ā_{n,t}·ā_{m,s}) (g_{n,t}·g_{m,s}), a chunk of rows at a time.
+        n, t = self.n_samples, self.positions
+        act = self.act.repeat(self.draws, 1, 1).flatten(0, 1)
+        grad = self.grad.flatten(0, 1)
+        step = max(1, _CHUNK_ENTRIES // (n * t * t))
+        rows = []
+        for start in range(0, n, step):
+            sl = slice(start * t, min(n, start + step) * t)
+            prod = (act[sl] @ act.T) * (grad[sl] @ grad.T)
+            rows.append(prod.reshape(-1, t, n, t).sum((1, 3)))
+        return torch.cat(rows) / n
+
+    def _dense_samples(self) -> Tensor:
+        """``P_n`` as an ``(N, m, n)`` tensor (formed from the positions in factored storage)."""
+        if self.p_samples is not None:
+            return self.p_samples
+        return self.act.repeat(self.draws, 1, 1).mT @ self.grad
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖F‖_F = ‖K‖_F / N``, or ``‖ΦᵀΦ‖_F / N`` where the block is the smaller side."""
+        if self.p_samples is not None and self.p < self.n_samples:
+            phi = self.p_samples.flatten(1)
+            return torch.linalg.matrix_norm(phi.T @ phi) / self.n_samples
+        return torch.linalg.matrix_norm(self.gram_matrix())
+
+    def eigenvalues(self) -> Tensor:
+        """The top ``min(N, p)`` eigenvalues of F, descending (the others are zero)."""
+        if self.p_samples is not None and self.p < self.n_samples:
+            phi = self.p_samples.flatten(1)
+            small = phi.T @ phi / self.n_samples
+        else:
+            small = self.gram_matrix()
+        eig = torch.linalg.eigvalsh(_sym(small)).flip(0)
+        return eig[: min(self.n_samples, self.p)]
+
+    def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
+        """The ``p × p`` block in the column-major vec order of ``W`` (``A ⊗ G`` order).
+
+        ``vec(∇W_n)`` stacks the columns of ``∇W_n = P_nᵀ``, i.e. the rows of ``P_n``.
+
+        Raises:
+            BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
+        """
+        if self.p**2 > max_entries:
+            raise BlockTooLargeError(
+                f"the dense block has p² = {self.p**2:,} entries (p = {self.p:,}), above the limit "
+                f"max_entries = {max_entries:,}; raise the limit or use the matrix-free methods"
+            )
+        phi = self._dense_samples().flatten(1)
+        return phi.T @ phi / self.n_samples
+
+    def rearranged_factors(self) -> NamedPairs:
+        """The matrix pairs the fitters ask for by coefficients: here KFAC's pair alone."""
+        act, grad = self.kfac_factors()
+        ones = torch.ones(1, dtype=self.dtype, device=self.device)
+        return NamedPairs(act[None], grad[None], ones, ones.new_zeros(0, 1))
+
+    def z_operator(self) -> SharedRearranged:
+        """``Z(F)`` for the iterative solvers: the direct products (a shared block has no Gram
+        coordinates: ``Z(F)`` is not ``D_a W D_gᵀ`` with one column pair per sample)."""
+        return SharedRearranged(self)
+
+    def kronecker_svd(self, rank: int | None = None, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> KroneckerSVD:
+        """Kronecker SVD of F: the SVD of the dense ``Z(F)`` (m² × n², float64) where ``p²`` fits in
+        ``max_entries``, else the top ``rank`` triplets by Lanczos (only those singular values).
+
+        Args:
+            rank: number of leading terms whose factors are returned (default: all; required
+                when the block is too large for the dense form).
+        """
+        m, n = self.d_act, self.d_grad
+        if self.p**2 <= max_entries:
+            z = rearrange(self.to_dense(max_entries).double(), m, n)
+            u, sigma, vt = torch.linalg.svd(z, full_matrices=False)
+            r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
+            act, grad = unvec(u[:, :r].T, m, m), unvec(vt[:r], n, n)
+            return KroneckerSVD(sigma.to(self.dtype), act.to(self.dtype), grad.to(self.dtype))
+        if rank is None:
+            raise BlockTooLargeError(f"the full Kronecker SVD needs Z(F) densely (p² = {self.p**2:,} entries); pass a rank")
+        t = lanczos_svd(self.z_operator(), self.kfac_factors()[1], rank, tol=1e-10, max_restarts=200)
+        return KroneckerSVD(t.sigma, t.left, t.right)
+
+
+def _sym(x: Tensor) -> Tensor:
+    return (x + x.mT) / 2
+
+
+def _sandwich(x: Tensor, v: Tensor, x_rows: Tensor) -> Tensor:
+    """``Σ_n X_n V X_nᵀ`` for ``X`` (N, a, b), ``V`` (..., b, b) and ``x_rows`` = [X_1 … X_N] (a, N b)."""
+    n, a, b = x.shape
+    y = (x.reshape(n * a, b) @ v).unflatten(-2, (n, a))  # (..., N, a, b)
+    return y.transpose(-3, -2).reshape(*v.shape[:-2], a, n * b) @ x_rows.T
+
+
+@dataclass(frozen=True)
+class NamedPairs:
+    """Matrix pairs ``(A_j, G_j)`` that a fitter addresses by coefficient vectors, as it does the
+    columns of :class:`~fisherlab.kron.rearranged.ZFactors`.
+
+    Attributes:
+        act, grad: ``(r, m, m)`` and ``(r, n, n)``.
+        kfac: coefficients of the KFAC pair.
+        previous: ``(t, r)`` coefficients of a previous approximation's terms (none here).
+    """
+
+    act: Tensor
+    grad: Tensor
+    kfac: Tensor
+    previous: Tensor
+
+
+class SharedRearranged(Rearranged):
+    """``Z(F) − Σ_j vec(A_j) vec(G_j)ᵀ`` of a :class:`SharedBlock` by its direct products."""
+
+    def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:
+        """Left and right vectors ``(Σ_j c_j A_j, Σ_j c_j G_j)`` for coefficients (t, r)."""
+        f = self.factors
+        return linear_combination(coef, f.act), linear_combination(coef, f.grad)
