@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from fisherlab.kron import BlockStats
 from fisherlab.kron.shared import SharedBlock
 from fisherlab.layers import adapter_for
 from fisherlab.likelihoods import fisher_vectors, get_likelihood
+
 
 class Tokens(nn.Module):
     """A Linear layer on (B, T, d) inputs, then a per-token nonlinearity and a readout."""
@@ -82,7 +85,7 @@ def _per_sample_matrices(model, x, vectors):
             continue
         prefix = f"{name}." if name else ""
         w, b = per[prefix + "weight"], per.get(prefix + "bias")
-        mats = vmap(vmap(adapter.matrix_of))(w, b) if b is not None else vmap(vmap(lambda t: adapter.matrix_of(t, None)))(w)
+        mats = vmap(vmap(adapter.matrix_of))(w, b) if b is not None else vmap(vmap(partial(adapter.matrix_of, bias=None)))(w)
         result.append(mats.flatten(0, 1))  # (K B, d_out, d_a), draw-major
     return result
 
@@ -146,12 +149,12 @@ def _ggn(model, x, lik):
         if b is not None:
             mats = vmap(vmap(adapter.matrix_of))(w, b)
         else:
-            mats = vmap(vmap(lambda t: adapter.matrix_of(t, None)))(w)
+            mats = vmap(vmap(partial(adapter.matrix_of, bias=None)))(w)
         jmat = mats.transpose(-1, -2).flatten(-2)  # (B, D, p): rows d/dvec(W) of each output unit
         target_like = lik.sample_targets(out, torch.Generator().manual_seed(0))
         hess = []
         for n in range(BATCH):
-            h = hessian(lambda o: lik.per_example_loss(o[None], target_like[n : n + 1])[0])(out[n])
+            h = hessian(lambda o, y=target_like[n : n + 1]: lik.per_example_loss(o[None], y)[0])(out[n])
             hess.append(h.reshape(lead.numel(), lead.numel()))
         h = torch.stack(hess)
         blocks.append(torch.einsum("ndp,nde,neq->pq", jmat, h, jmat) / BATCH)
