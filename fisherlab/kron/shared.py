@@ -278,8 +278,9 @@ class SharedBlock:
         return SharedRearranged(self)
 
     def kronecker_svd(self, rank: int | None = None, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> KroneckerSVD:
-        """Kronecker SVD of F: the SVD of the dense ``Z(F)`` (m² × n², float64) where ``p²`` fits in
-        ``max_entries``, else the top ``rank`` triplets by Lanczos (only those singular values).
+        """Kronecker SVD of F: the SVD of the dense ``Z(F)`` (m² × n², float64; its nonzero singular
+        values) where ``p²`` fits in ``max_entries``, else the top ``rank`` triplets by Lanczos
+        (only those singular values).
 
         Args:
             rank: number of leading terms whose factors are returned (default: all; required
@@ -287,8 +288,10 @@ class SharedBlock:
         """
         m, n = self.d_act, self.d_grad
         if self.p**2 <= max_entries:
-            z = rearrange(self.to_dense(max_entries).double(), m, n)
+            z = symmetric_part(rearrange(self.to_dense(max_entries).double(), m, n), m, n)
             u, sigma, vt = torch.linalg.svd(z, full_matrices=False)
+            # The nonzero ones: the rest is rounding noise of the SVD itself.
+            sigma = sigma[sigma > sigma[0] * max(z.shape) * torch.finfo(sigma.dtype).eps]
             r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
             act, grad = unvec(u[:, :r].T, m, m), unvec(vt[:r], n, n)
             return KroneckerSVD(sigma.to(self.dtype), act.to(self.dtype), grad.to(self.dtype))
@@ -296,6 +299,21 @@ class SharedBlock:
             raise BlockTooLargeError(f"the full Kronecker SVD needs Z(F) densely (p² = {self.p**2:,} entries); pass a rank")
         t = lanczos_svd(self.z_operator(), self.kfac_factors()[1], rank, tol=1e-10, max_restarts=200)
         return KroneckerSVD(t.sigma, t.left, t.right)
+
+
+def symmetric_part(z: Tensor, m: int, n: int) -> Tensor:
+    """``Z_s``: the part of ``Z`` (m² × n²) that maps symmetric to symmetric matrices.
+
+    ``Z(F) = (1/N) Σ_n P_n ⊗ P_n`` maps symmetric matrices to symmetric ones and skew to skew,
+    so ``Z = Z_s + Z_k`` with ``Z_k`` between the skew ones, orthogonal to ``Z_s``. For
+    ``P_n = ā_n g_nᵀ`` (no weight sharing) ``Z_k = 0``; otherwise skew ⊗ skew terms (which are
+    symmetric) may appear in F's Kronecker SVD. Every approximation here has symmetric factors
+    (what the damped solves and eigensolvers need), so the best of rank r is the truncated
+    SVD of ``Z_s`` and ``‖Z_k‖_F`` is an error no such approximation avoids.
+    """
+    z = z.reshape(m, m, n, n)
+    z = (z + z.transpose(0, 1)) / 2
+    return ((z + z.transpose(2, 3)) / 2).reshape(m * m, n * n)
 
 
 def _sym(x: Tensor) -> Tensor:
@@ -327,7 +345,19 @@ class NamedPairs:
 
 
 class SharedRearranged(Rearranged):
-    """``Z(F) − Σ_j vec(A_j) vec(G_j)ᵀ`` of a :class:`SharedBlock` by its direct products."""
+    """``Z_s(F) − Σ_j vec(A_j) vec(G_j)ᵀ`` of a :class:`SharedBlock` by its direct products, with
+    ``Z_s`` the part of ``Z(F)`` between symmetric matrices (see :func:`symmetric_part`).
+
+    ``V ↦ P_n V P_nᵀ`` maps symmetric to symmetric and skew to skew matrices, so the solvers'
+    iterates stay symmetric in exact arithmetic; the projections keep rounding from growing
+    a skew part where ``Z``'s skew singular values are the larger ones.
+    """
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return _sym(super().matvec(_sym(v)))
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        return _sym(super().rmatvec(_sym(u)))
 
     def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:
         """Left and right vectors ``(Σ_j c_j A_j, Σ_j c_j G_j)`` for coefficients (t, r)."""
