@@ -175,11 +175,17 @@ class BlockCapture:
                                    "a weight used more than once per sample is not supported")
             if (s.inputs._version, s.outputs._version) != s.versions:
                 raise RuntimeError(f"the input or output of layer {index} was modified in place (inplace activation?)")
-        vectors = fisher_vectors(lik, fisher, output, targets, mc_samples=mc_samples, generator=generator)
+        if fisher == "exact":  # one chunk of Hessian columns at a time: wide outputs have many
+            count = lik.hessian_rank(output)
+            chunks = (fisher_vectors(lik, fisher, output, columns=range(i, min(i + chunk, count)))
+                      for i in range(0, count, chunk))
+        else:
+            vectors = fisher_vectors(lik, fisher, output, targets, mc_samples=mc_samples, generator=generator)
+            count = vectors.shape[0]
+            chunks = (vectors[i : i + chunk] for i in range(0, count, chunk))
         outs = [s.outputs for s in saved]
         per_layer: list[list[Tensor]] = [[] for _ in saved]
-        for start in range(0, vectors.shape[0], chunk):
-            part = vectors[start : start + chunk]
+        for part in chunks:
             if part.shape[0] == 1:
                 grads = [g[None] for g in torch.autograd.grad(output, outs, part[0], retain_graph=True)]
             else:
@@ -192,7 +198,7 @@ class BlockCapture:
             act = layer.adapter.unfold(s.inputs, s.outputs)
             grad = layer.adapter.positions(torch.cat(parts).flatten(0, 1))
             if act.shape[1] == 1:
-                blocks[index] = BlockStats(act[:, 0].repeat(vectors.shape[0], 1), grad[:, 0])
+                blocks[index] = BlockStats(act[:, 0].repeat(count, 1), grad[:, 0])
             else:
                 blocks[index] = SharedBlock(act, grad, kfac=self.kfac, storage=self.storage)
         return blocks

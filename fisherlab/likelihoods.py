@@ -58,16 +58,27 @@ class Likelihood:
         """Targets drawn from the model's predictive distribution at ``output`` (not differentiated)."""
         raise NotImplementedError
 
-    def hessian_sqrt(self, output: Tensor) -> Tensor:
-        """Columns of ``S`` with ``∂²ℓ/∂f² = S Sᵀ`` per example, stacked first: ``(C, B, …)``."""
+    def hessian_rank(self, output: Tensor) -> int:
+        """``C``, the number of columns of :meth:`hessian_sqrt` per example."""
+        return output[0].numel()
+
+    def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        """Columns of ``S`` with ``∂²ℓ/∂f² = S Sᵀ`` per example, stacked first: ``(C, B, …)``.
+
+        Args:
+            columns: the columns to return (default: all ``C``); wide outputs are taken a
+                chunk at a time.
+        """
         raise NotImplementedError
 
 
-def _unit_columns(scale: Tensor) -> Tensor:
-    """Columns of ``diag(scale)`` per example: ``(D, B, …)`` with ``D`` the units per example."""
+def _unit_columns(scale: Tensor, columns: range | None) -> Tensor:
+    """Columns ``columns`` of ``diag(scale)`` per example: ``(c, B, …)``."""
     b, d = scale.shape[0], scale[0].numel()
-    eye = torch.eye(d, dtype=scale.dtype, device=scale.device)
-    return (eye[:, None, :] * scale.reshape(1, b, d)).reshape(d, *scale.shape)
+    columns = range(d) if columns is None else columns
+    index = torch.arange(columns.start, columns.stop, columns.step, device=scale.device)
+    onehot = torch.nn.functional.one_hot(index, d).to(scale.dtype)  # (c, D)
+    return (onehot[:, None, :] * scale.reshape(1, b, d)).reshape(len(columns), *scale.shape)
 
 
 class Gaussian(Likelihood):
@@ -83,8 +94,8 @@ class Gaussian(Likelihood):
         output = output.detach()
         return output + torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
 
-    def hessian_sqrt(self, output: Tensor) -> Tensor:
-        return _unit_columns(torch.ones_like(output.detach()))
+    def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        return _unit_columns(torch.ones_like(output.detach()), columns)
 
 
 class Bernoulli(Likelihood):
@@ -99,9 +110,9 @@ class Bernoulli(Likelihood):
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.bernoulli(torch.sigmoid(output.detach()), generator=generator)
 
-    def hessian_sqrt(self, output: Tensor) -> Tensor:
+    def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
         prob = torch.sigmoid(output.detach())
-        return _unit_columns((prob * (1 - prob)).sqrt())
+        return _unit_columns((prob * (1 - prob)).sqrt(), columns)
 
 
 class Categorical(Likelihood):
@@ -128,17 +139,21 @@ class Categorical(Likelihood):
         flat = torch.multinomial(prob.reshape(-1, prob.shape[-1]), 1, generator=generator)
         return flat.reshape(prob.shape[:-1])
 
-    def hessian_sqrt(self, output: Tensor) -> Tensor:
-        # Column (position q, class c): √p_{q,c} (e_c − p_q) at position q, zero elsewhere.
+    def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        # Column q C + c (position q, class c): √p_{q,c} (e_c − p_q) at position q, zero elsewhere.
         prob = torch.softmax(output.detach(), dim=-1)
         b, c = prob.shape[0], prob.shape[-1]
         flat = prob.reshape(b, -1, c)  # (B, Q, C)
         q = flat.shape[1]
+        columns = range(q * c) if columns is None else columns
+        index = torch.arange(columns.start, columns.stop, columns.step, device=prob.device)
+        pos, cls = index // c, index % c
         eye = torch.eye(c, dtype=prob.dtype, device=prob.device)
-        block = flat.sqrt()[..., None] * (eye - flat[:, :, None, :])  # (B, Q, C, C): [n, q, column c, unit]
-        pos = torch.eye(q, dtype=prob.dtype, device=prob.device)
-        cols = pos[None, :, None, :, None] * block[:, :, :, None, :]  # (B, Q, C, Q', C)
-        return cols.reshape(b, q * c, *prob.shape[1:]).movedim(1, 0)
+        at = flat[:, pos]  # (B, k, C): p at each column's position
+        values = at.gather(2, cls[None, :, None].expand(b, -1, 1)).sqrt() * (eye[cls] - at)  # (B, k, C)
+        cols = torch.zeros(len(columns), b, q, c, dtype=prob.dtype, device=prob.device)
+        cols[torch.arange(len(columns), device=prob.device), :, pos] = values.transpose(0, 1)
+        return cols.reshape(len(columns), *prob.shape)
 
 
 LIKELIHOODS: dict[str, Likelihood] = {lik.name: lik for lik in (Gaussian(), Bernoulli(), Categorical())}
@@ -164,6 +179,7 @@ def fisher_vectors(
     *,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    columns: range | None = None,
 ) -> Tensor:
     """Output vectors ``u`` (K, B, …) of Fisher type ``fisher``, ``M_n = (1/K) Σ_j u_{j,n} u_{j,n}ᵀ``.
 
@@ -171,6 +187,7 @@ def fisher_vectors(
         output: the model's output, ``(B, …)``; only its values are used.
         targets: the data's targets (``empirical`` only).
         mc_samples: target draws per input (``mc`` only).
+        columns: for ``exact``, the vectors ``u_c`` to return, a chunk of ``range(K)`` (default: all).
 
     Raises:
         UserInputError: unknown Fisher type, missing or ill-shaped targets, bad ``mc_samples``.
@@ -183,8 +200,9 @@ def fisher_vectors(
         raise UserInputError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     out = output.detach()
     if fisher == "exact":
-        cols = likelihood.hessian_sqrt(out)
-        return cols * math.sqrt(cols.shape[0])
+        return likelihood.hessian_sqrt(out, columns) * math.sqrt(likelihood.hessian_rank(out))
+    if columns is not None:
+        raise UserInputError("columns applies to the Fisher type 'exact' only")
     if fisher == "empirical":
         if targets is None:
             raise UserInputError("the empirical Fisher needs the data's targets")

@@ -254,3 +254,16 @@ def test_capture_leaves_gradients_untouched():
     assert all(p.grad is not None for p in model.parameters())
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+def test_backward_passes_in_chunks_give_the_same_blocks(fisher):
+    model, x = _model("conv2d")
+    results = []
+    for chunk in (1, 2, 64):
+        kwargs = {"mc_samples": 3, "generator": torch.Generator().manual_seed(0)} if fisher == "mc" else {}
+        with BlockCapture(model) as capture:
+            results.append(capture.capture(model(x), "categorical", fisher=fisher, chunk=chunk, **kwargs))
+    for other in results[1:]:
+        for index, block in results[0].items():
+            torch.testing.assert_close(other[index].to_dense(), block.to_dense(), rtol=1e-12, atol=1e-15)

@@ -109,3 +109,15 @@ def test_bad_targets_and_options_are_refused():
         fisher_vectors(gauss, "mc", torch.zeros(2, 3), mc_samples=0)
     with pytest.raises(UserInputError, match="mc_samples"):
         fisher_vectors(gauss, "exact", torch.zeros(2, 3), mc_samples=2)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_hessian_columns_come_in_chunks(name):
+    lik = get_likelihood(name)
+    f = _output(name)
+    every = lik.hessian_sqrt(f)
+    assert every.shape == (lik.hessian_rank(f), *f.shape)
+    parts = [lik.hessian_sqrt(f, range(i, min(i + 3, every.shape[0]))) for i in range(0, every.shape[0], 3)]
+    assert torch.equal(torch.cat(parts), every)
+    chunked = [fisher_vectors(lik, "exact", f, columns=range(i, min(i + 4, every.shape[0]))) for i in range(0, every.shape[0], 4)]
+    torch.testing.assert_close(torch.cat(chunked), fisher_vectors(lik, "exact", f))
