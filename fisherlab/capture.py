@@ -59,6 +59,8 @@ class BlockCapture:
         model: any ``nn.Module``.
         layers: 1-based indices of the layers to probe (default: all).
         kfac: the KFAC form of the shared-weight blocks, ``"expand"`` or ``"reduce"``.
+        kfac_forms: the KFAC forms computed for them (default: ``kfac``'s alone; both to
+            compare them).
         storage: storage of the shared-weight blocks (default: per layer, the smaller one).
 
     Raises:
@@ -68,7 +70,7 @@ class BlockCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int] | None = None, *, kfac: str = "expand",
-                 storage: str | None = None):
+                 kfac_forms: tuple[str, ...] | None = None, storage: str | None = None):
         _refuse_coupling(model)
         found: list[Layer] = []
         probed_params: set[int] = set()
@@ -92,7 +94,7 @@ class BlockCapture:
         self.layers: dict[int, Layer] = {i: found[i - 1] for i in sorted(chosen)}
         #: Names of the parameters no supported layer owns: they are not probed.
         self.not_probed: list[str] = [n for n, p in model.named_parameters() if id(p) not in probed_params]
-        self.kfac, self.storage = kfac, storage
+        self.kfac, self.kfac_forms, self.storage = kfac, kfac_forms, storage
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: dict[int, _Saved] = {}
 
@@ -195,12 +197,13 @@ class BlockCapture:
         self._saved.clear()  # release the graph; the next capture needs a new forward pass
         blocks: dict[int, BlockStats | SharedBlock] = {}
         for (index, layer), s, parts in zip(self.layers.items(), saved, per_layer):
-            act = layer.adapter.unfold(s.inputs, s.outputs)
-            grad = layer.adapter.positions(torch.cat(parts).flatten(0, 1))
-            if act.shape[1] == 1:
-                blocks[index] = BlockStats(act[:, 0].repeat(count, 1), grad[:, 0])
+            adapter = layer.adapter
+            grad = adapter.positions((parts[0] if len(parts) == 1 else torch.cat(parts)).flatten(0, 1))
+            if grad.shape[1] == 1:
+                blocks[index] = BlockStats(adapter.augmented(s.inputs, s.outputs)[:, 0].repeat(count, 1), grad[:, 0])
             else:
-                blocks[index] = SharedBlock(act, grad, kfac=self.kfac, storage=self.storage)
+                blocks[index] = SharedBlock(adapter.unfold(s.inputs, s.outputs), grad, bias=adapter.bias,
+                                            kfac=self.kfac, kfac_forms=self.kfac_forms, storage=self.storage)
         return blocks
 
 

@@ -51,8 +51,15 @@ class LayerAdapter:
         raise NotImplementedError
 
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
-        """``ā`` (B, T, d_a) from the layer's input ``x`` (``y``, its output, gives the output shape)."""
+        """``a`` (B, T, d_a − bias) from the layer's input ``x`` (``y``, its output, gives the
+        output shape): the inputs at each position, without the bias's column of ones. A view
+        where the layout allows (a transposed ``F.unfold``), not necessarily contiguous."""
         raise NotImplementedError
+
+    def augmented(self, x: Tensor, y: Tensor) -> Tensor:
+        """``ā`` (B, T, d_a): :meth:`unfold` with the column of ones first when there is a bias."""
+        a = self.unfold(x, y)
+        return torch.cat([torch.ones_like(a[..., :1]), a], dim=-1) if self.bias else a
 
     def positions(self, dy: Tensor) -> Tensor:
         """``g`` (N, T, d_out) from gradients (N, …) of the layer's output, one row per sample."""
@@ -70,9 +77,6 @@ class LayerAdapter:
     def parameters_of(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(weight, bias)`` shaped like the module's parameters for a matrix ``W`` (d_out × d_a)."""
         raise NotImplementedError
-
-    def _with_ones(self, a: Tensor) -> Tensor:
-        return torch.cat([torch.ones_like(a[..., :1]), a], dim=-1) if self.bias else a
 
     def _split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
         return (w[:, 1:], w[:, 0]) if self.bias else (w, None)
@@ -93,7 +97,7 @@ class LinearAdapter(LayerAdapter):
         return self.module.in_features + self.bias
 
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
-        return self._with_ones(x.reshape(x.shape[0], -1, x.shape[-1]))
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def positions(self, dy: Tensor) -> Tensor:
         return dy.reshape(dy.shape[0], -1, dy.shape[-1])
@@ -131,7 +135,7 @@ class ConvAdapter(LayerAdapter):
         else:
             pads = [(p, p) for p in mod.padding]
         x = F.pad(x, [v for pair in reversed(pads) for v in pair])
-        return self._with_ones(_unfold(x, kernel, stride, dilation))
+        return _unfold(x, kernel, stride, dilation)
 
     def positions(self, dy: Tensor) -> Tensor:
         return dy.flatten(2).transpose(1, 2)
@@ -169,7 +173,7 @@ class ConvTransposeAdapter(LayerAdapter):
         far_h = y.shape[-2] + dh * (kh - 1) - spread.shape[-2] - near_h
         far_w = y.shape[-1] + dw * (kw - 1) - spread.shape[-1] - near_w
         spread = F.pad(spread, [near_w, far_w, near_h, far_h])  # negative entries crop
-        return self._with_ones(_unfold(spread, (kh, kw), (1, 1), (dh, dw)))
+        return _unfold(spread, (kh, kw), (1, 1), (dh, dw))
 
     def positions(self, dy: Tensor) -> Tensor:
         return dy.flatten(2).transpose(1, 2)

@@ -58,49 +58,64 @@ class SharedBlock:
     """Per-sample gradients ``P_n`` of one weight-sharing layer's exact Fisher block.
 
     Args:
-        act: ``(B, T, m)`` unfolded inputs ``ā_{b,t}`` (bias column 0 when there is one).
+        act: ``(B, T, d)`` unfolded inputs ``a_{b,t}``; any strides (a transposed view of
+            ``F.unfold``'s output is used as it is).
         grad: ``(N, T, n)`` output gradients ``g_{r,t}``, ``N = K B`` rows draw-major: row
             ``r`` belongs to input ``r mod B`` (``K`` target draws, or ``K`` columns of a
             Hessian square root, per input).
+        bias: whether ``ā_{b,t} = (1, a_{b,t})``, ``m = d + 1``; the column of ones is never
+            formed in dense storage (the bias row of ``P_n`` is ``Σ_t g_{n,t}``).
         kfac: which KFAC form :meth:`kfac_factors` returns, ``"expand"`` or ``"reduce"``.
+        kfac_forms: the forms computed (default: ``kfac``'s alone; expand's activation factor
+            costs ``2 B T d²`` flops, as much as the rest of the block on a convolution).
         storage: ``"dense"`` or ``"factored"``; by default the smaller one.
 
     Raises:
         ValueError: on inconsistent shapes, dtypes or an unknown option.
     """
 
-    def __init__(self, act: Tensor, grad: Tensor, *, kfac: str = "expand", storage: str | None = None):
+    def __init__(self, act: Tensor, grad: Tensor, *, bias: bool = False, kfac: str = "expand",
+                 kfac_forms: tuple[str, ...] | None = None, storage: str | None = None):
         if act.ndim != 3 or grad.ndim != 3:
             raise ValueError(f"act and grad must be 3-D (samples, positions, features), got {tuple(act.shape)} and {tuple(grad.shape)}")
-        b, t, m = act.shape
+        b, t, d = act.shape
         if b == 0 or grad.shape[0] % b or grad.shape[1] != t:
             raise ValueError(f"grad {tuple(grad.shape)} needs a positive multiple of act's {b} rows and its {t} positions")
         if act.dtype != grad.dtype or act.device != grad.device or not act.is_floating_point():
             raise ValueError("act and grad must be floating point and share dtype and device")
-        if kfac not in KFAC_FORMS:
-            raise ValueError(f"unknown KFAC form {kfac!r}; choose from {', '.join(KFAC_FORMS)}")
-        n = grad.shape[2]
+        forms = (kfac,) if kfac_forms is None else tuple(dict.fromkeys(kfac_forms))
+        if kfac not in KFAC_FORMS or not set(forms) <= set(KFAC_FORMS) or kfac not in forms:
+            raise ValueError(f"unknown KFAC form in {kfac!r}, {forms}; choose from {', '.join(KFAC_FORMS)} "
+                             "(the block's form among those computed)")
+        m, n, rows = d + bias, grad.shape[2], grad.shape[0]
         if storage is None:
             storage = "dense" if m * n <= t * (m + n) else "factored"
         elif storage not in STORAGES:
             raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGES)}")
-        draws = grad.shape[0] // b
-        mean_act = act.mean(dim=1)
-        sum_grad = grad.sum(dim=1)
-        flat_act, flat_grad = act.reshape(-1, m), grad.reshape(-1, n)
-        self._pairs = {
-            "expand": (_sym(flat_act.T @ flat_act / (b * t)), _sym(flat_grad.T @ flat_grad / grad.shape[0])),
-            "reduce": (_sym(mean_act.T @ mean_act / b), _sym(sum_grad.T @ sum_grad / grad.shape[0])),
-        }
+        draws = rows // b
+        self._pairs = {}
+        if "expand" in forms:
+            # Σ_{b,t} a aᵀ as a batched product on act's own layout (no copy of the unfolded input).
+            cov = _bordered((act.mT @ act).sum(0), act.sum((0, 1)), b * t, bias)
+            self._pairs["expand"] = (_sym(cov / (b * t)), _sym((grad.mT @ grad).sum(0) / rows))
+        if "reduce" in forms:
+            mean_act = act.mean(dim=1)
+            sum_grad = grad.sum(dim=1)
+            cov = _bordered(mean_act.T @ mean_act, mean_act.sum(0), b, bias)
+            self._pairs["reduce"] = (_sym(cov / b), _sym(sum_grad.T @ sum_grad / rows))
         self.kfac_form, self.storage, self.positions = kfac, storage, t
-        self._shape = (grad.shape[0], m, n)
+        self._shape = (rows, m, n)
         if storage == "dense":
             # P_r = Ā_bᵀ G_r for every draw at once: one bmm over the inputs, no repeated Ā.
             stacked = grad.reshape(draws, b, t, n).permute(1, 2, 0, 3).reshape(b, t, draws * n)
-            p = (act.mT @ stacked).reshape(b, m, draws, n).permute(2, 0, 1, 3).reshape(-1, m, n)
+            p = act.mT @ stacked
+            if bias:
+                p = torch.cat([stacked.sum(1, keepdim=True), p], dim=1)
             self.act = self.grad = None
-            self.p_samples = p
+            self.p_samples = p.reshape(b, m, draws, n).permute(2, 0, 1, 3).reshape(-1, m, n)
         else:
+            if bias:
+                act = torch.cat([torch.ones_like(act[..., :1]), act], dim=-1)
             self.act, self.grad, self.p_samples = act, grad, None
 
     @classmethod
@@ -132,11 +147,11 @@ class SharedBlock:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._pairs["expand"][0].dtype
+        return self._pairs[self.kfac_form][0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self._pairs["expand"][0].device
+        return self._pairs[self.kfac_form][0].device
 
     @property
     def draws(self) -> int:
@@ -156,16 +171,19 @@ class SharedBlock:
     # -- the block ------------------------------------------------------------------------
     def kfac_factors(self, form: str | None = None) -> tuple[Tensor, Tensor]:
         """KFAC's factors ``(A, G)`` in ``form`` (default: the block's, :attr:`kfac_form`); see
-        the module docstring. Symmetrized; do not modify them."""
+        the module docstring. Symmetrized; do not modify them.
+
+        Raises:
+            ValueError: for a form that was not computed (``kfac_forms``).
+        """
         form = self.kfac_form if form is None else form
-        if form not in KFAC_FORMS:
-            raise ValueError(f"unknown KFAC form {form!r}; choose from {', '.join(KFAC_FORMS)}")
+        if form not in self._pairs:
+            raise ValueError(f"KFAC form {form!r} was not computed for this block; it has {', '.join(self._pairs)}")
         return self._pairs[form]
 
     def with_kfac(self, form: str) -> SharedBlock:
         """The same block whose :meth:`kfac_factors` (and so KFAC, KFAC-corrected) use ``form``."""
-        if form not in KFAC_FORMS:
-            raise ValueError(f"unknown KFAC form {form!r}; choose from {', '.join(KFAC_FORMS)}")
+        self.kfac_factors(form)
         state = {k: v for k, v in vars(self).items() if k in ("act", "grad", "p_samples", "storage", "positions", "_shape", "_pairs")}
         return SharedBlock._of({**state, "kfac_form": form})
 
@@ -314,6 +332,14 @@ def symmetric_part(z: Tensor, m: int, n: int) -> Tensor:
     z = z.reshape(m, m, n, n)
     z = (z + z.transpose(0, 1)) / 2
     return ((z + z.transpose(2, 3)) / 2).reshape(m * m, n * n)
+
+
+def _bordered(cov: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:
+    """``Σ ā āᵀ`` from ``Σ a aᵀ``, ``Σ a`` and the count, for ``ā = (1, a)`` when ``bias``."""
+    if not bias:
+        return cov
+    corner = total.new_full((1, 1), float(count))
+    return torch.cat([torch.cat([corner, total[None]], dim=1), torch.cat([total[:, None], cov], dim=1)])
 
 
 def _sym(x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from fisherlab.kron import (
 )
 from fisherlab.kron.fitters import options_of
 from fisherlab.kron.layout import rearrange, unvec, vec
-from fisherlab.kron.shared import SharedBlock
+from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
 from fisherlab.kron.solve import damped_inverse, pi_factor
 from fisherlab.layers import adapter_for
 
@@ -33,6 +33,7 @@ def _random(seed, b=6, t=5, m=4, n=3, draws=2, **kwargs) -> tuple[SharedBlock, t
     act = torch.randn(b, t, m, generator=gen, dtype=F64)
     act[..., 0] = 1
     grad = torch.randn(draws * b, t, n, generator=gen, dtype=F64)
+    kwargs.setdefault("kfac_forms", KFAC_FORMS)
     return SharedBlock(act, grad, **kwargs), act, grad
 
 
@@ -121,6 +122,30 @@ def test_kfac_expand_and_reduce_match_their_definitions():
     torch.testing.assert_close(reduced.to_dense(), block.to_dense())
 
 
+@pytest.mark.parametrize("storage", ["dense", "factored"])
+def test_implicit_bias_column_equals_an_explicit_one(storage):
+    _, act, grad = _random(12)
+    implicit = SharedBlock(act[..., 1:].transpose(0, 1).contiguous().transpose(0, 1), grad, bias=True,
+                           kfac_forms=KFAC_FORMS, storage=storage)  # a strided view, as unfold gives
+    explicit = SharedBlock(act, grad, kfac_forms=KFAC_FORMS, storage=storage)
+    torch.testing.assert_close(implicit.to_dense(), explicit.to_dense())
+    for form in KFAC_FORMS:
+        for x, y in zip(implicit.kfac_factors(form), explicit.kfac_factors(form)):
+            torch.testing.assert_close(x, y)
+
+
+def test_only_the_asked_kfac_forms_are_computed():
+    _, act, grad = _random(13)
+    block = SharedBlock(act, grad, kfac="reduce")
+    block.kfac_factors("reduce")
+    with pytest.raises(ValueError, match="not computed"):
+        block.kfac_factors("expand")
+    with pytest.raises(ValueError, match="not computed"):
+        block.with_kfac("expand")
+    with pytest.raises(ValueError, match="among those computed"):
+        SharedBlock(act, grad, kfac="expand", kfac_forms=("reduce",))
+
+
 def test_kfac_reduce_is_exact_where_the_input_does_not_vary_over_positions():
     _, act, grad = _random(5, draws=1)
     act = act[:1].expand(act.shape[0], -1, -1)[:, :1].expand(-1, act.shape[1], -1).contiguous()  # one input
@@ -131,9 +156,10 @@ def test_kfac_reduce_is_exact_where_the_input_does_not_vary_over_positions():
 def test_rank_one_case_agrees_with_blockstats():
     gen = torch.Generator().manual_seed(6)
     a, g = torch.randn(9, 4, generator=gen, dtype=F64), torch.randn(9, 3, generator=gen, dtype=F64)
+    a[:, 0] = 1
     fast = BlockStats(a, g)
     for storage in ("dense", "factored"):
-        shared = SharedBlock(a[:, None], g[:, None], storage=storage)
+        shared = SharedBlock(a[:, None, 1:], g[:, None], bias=True, kfac_forms=KFAC_FORMS, storage=storage)
         torch.testing.assert_close(shared.to_dense(), fast.to_dense())
         torch.testing.assert_close(shared.eigenvalues(), fast.eigenvalues())
         torch.testing.assert_close(shared.frobenius_norm(), fast.frobenius_norm())
