@@ -6,11 +6,11 @@ depend on the pixel values), median CPU time of the process per step:
     adam      zero_grad, forward, cross-entropy, backward, Adam step
     mc        the same step with BlockCapture: + one backward pass to the layers' outputs for
               targets drawn from the model, unfolding, the per-sample P_n (dense storage) and
-              both KFAC forms; nothing written
+              the KFAC factors of --kfac's form; nothing written
     exact     the same with fisher="exact": 10 backward passes (one per class), batched
 
 Usage:
-    python benchmarks/bench_capture.py --batch 512 --steps 10 --threads 1
+    python benchmarks/bench_capture.py --batch 512 --steps 10 --threads 1 --kfac expand
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kfac", choices=("expand", "reduce"), default="expand",
+                        help="the KFAC form computed for the convolutions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def main() -> None:
         if fisher is None:
             loss_fn(model(x), y).backward()
         else:
-            with BlockCapture(model) as capture:
+            with BlockCapture(model, kfac=args.kfac) as capture:
                 out = model(x)
                 kwargs = {"generator": gen} if fisher == "mc" else {}
                 capture.capture(out, "categorical", fisher=fisher, **kwargs)
@@ -70,7 +72,8 @@ def main() -> None:
             step(fisher)
             times[name].append(time.process_time() - start)
     base = statistics.median(times["adam"])
-    print(f"LeNet-5, batch {args.batch}, {args.threads} thread(s), median CPU seconds per step of {args.steps}")
+    print(f"LeNet-5, batch {args.batch}, {args.threads} thread(s), KFAC-{args.kfac}, "
+          f"median CPU seconds per step of {args.steps}")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"  {name:6s} {med:8.4f} s  {med / base:5.2f}x Adam")

@@ -134,6 +134,8 @@ class ConvAdapter(LayerAdapter):
                     for k, d in zip(kernel, dilation)]
         else:
             pads = [(p, p) for p in mod.padding]
+        if all(lo == hi for lo, hi in pads):  # F.unfold pads symmetrically itself, without a copy
+            return _unfold(x, kernel, stride, dilation, tuple(lo for lo, _ in pads))
         x = F.pad(x, [v for pair in reversed(pads) for v in pair])
         return _unfold(x, kernel, stride, dilation)
 
@@ -187,11 +189,14 @@ class ConvTransposeAdapter(LayerAdapter):
         return weight.reshape(c_out, c_in, kh, kw).transpose(0, 1).flip(-2, -1), bias
 
 
-def _unfold(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
-    """Patches (B, T, C k…) of an already padded 1-D or 2-D input, in ``weight.flatten(1)`` order."""
+def _unfold(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+            padding: tuple[int, ...] | None = None) -> Tensor:
+    """Patches (B, T, C k…) of a 1-D or 2-D input with symmetric zero ``padding`` (default
+    none), in ``weight.flatten(1)`` order: a transposed view of ``F.unfold``'s output."""
+    padding = (0,) * len(kernel) if padding is None else padding
     if x.ndim == 3:  # (B, C, L) as (B, C, L, 1)
-        x, kernel, stride, dilation = x[..., None], (*kernel, 1), (*stride, 1), (*dilation, 1)
-    return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
+        x, kernel, stride, dilation, padding = x[..., None], (*kernel, 1), (*stride, 1), (*dilation, 1), (*padding, 0)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
 
 
 ADAPTERS: tuple[type[LayerAdapter], ...] = (LinearAdapter, ConvAdapter, ConvTransposeAdapter)
