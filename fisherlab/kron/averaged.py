@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import GramRearranged, ZFactors, frobenius_inner, linear_combination
+from fisherlab.kron.rearranged import (
+    GramRearranged,
+    KroneckerSVD,
+    ZFactors,
+    frobenius_inner,
+    kronecker_svd,
+    linear_combination,
+)
+from fisherlab.kron.shared import NamedPairs, SharedRearranged, direct_kronecker_svd
 from fisherlab.kron.stats import (
     DEFAULT_MAX_DENSE_ENTRIES,
     BlockStats,
@@ -72,7 +80,10 @@ class AveragedBlock:
         self.previous = previous.to(stats.dtype, stats.device)
         self.weight = float(weight)
         self._kfac = kfac
-        self.a, self.g = stats.a, stats.g
+        #: False for a weight-shared batch block: then Z(F̃) is taken by its products (z_operator).
+        self.gram_coordinates = getattr(stats, "gram_coordinates", True)
+        if self.gram_coordinates:
+            self.a, self.g = stats.a, stats.g
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -141,6 +152,24 @@ class AveragedBlock:
         elif self._kfac == "running":
             kfac = torch.cat([diag[:n], self.weight * columns[n, n:]])  # (1 − ρ)/N on the samples, ρ on term 1
         return ZFactors(self.a, act, self.g, grad, diag, kfac, columns[n : n + r])
+
+    def z_operator(self) -> SharedRearranged:
+        """``Z(F̃)`` by its products, for a weight-shared batch block; the named pairs are the
+        previous terms and the KFAC pair (appended where it is not the running one)."""
+        r = self.previous.rank
+        act, grad, count = self.previous.act, self.previous.grad, r
+        kfac = None
+        if self._kfac is not None:
+            a, g = self.kfac_factors()
+            act, grad, count = torch.cat([act, a[None]]), torch.cat([grad, g[None]]), r + 1
+        columns = torch.eye(count, dtype=self.dtype, device=self.device)
+        if self._kfac is not None:
+            kfac = columns[-1]
+        return SharedRearranged(self, factors=NamedPairs(act, grad, kfac, columns[:r]))
+
+    def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
+        """Kronecker SVD of F̃ (for a weight-shared batch block, :func:`~fisherlab.kron.shared.direct_kronecker_svd`)."""
+        return kronecker_svd(self, rank) if self.gram_coordinates else direct_kronecker_svd(self, rank)
 
     @cached_property
     def z_coordinates(self) -> GramRearranged:

@@ -308,10 +308,10 @@ def rearranged(block) -> Rearranged | GramRearranged:
     the Cholesky factors and triangular inverses (an eigendecomposition, ``≈ 20 N³``, only where
     those are ill-conditioned). A direct product pair costs ``≈ 4 N (m² + n²)`` and a
     warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
-    about ``N² ≈ 4 (m² + n²)`` on. A block that is not of that form (a weight-shared layer's,
-    :mod:`fisherlab.kron.shared`) supplies its own operator.
+    about ``N² ≈ 4 (m² + n²)`` on. A block whose ``gram_coordinates`` is False (a weight-shared
+    layer's, :mod:`fisherlab.kron.shared`: ``Z`` is not of that form) supplies its own operator.
     """
-    if hasattr(block, "z_operator"):
+    if not getattr(block, "gram_coordinates", True):
         return block.z_operator()
     if "z_coordinates" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
         return block.z_coordinates
@@ -327,7 +327,7 @@ def kronecker_svd(block, rank: int | None = None) -> KroneckerSVD:
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
-    if hasattr(block, "z_operator"):  # no Gram coordinates: the block decomposes itself
+    if not getattr(block, "gram_coordinates", True):  # the block decomposes itself
         return block.kronecker_svd(rank)
     z = block.z_coordinates
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)

@@ -57,6 +57,9 @@ _CHUNK_ENTRIES = 2**24
 class SharedBlock:
     """Per-sample gradients ``P_n`` of one weight-sharing layer's exact Fisher block.
 
+    ``Z(F)`` is not ``D_a W D_gᵀ`` with one column pair per sample, so the block has no Gram
+    coordinates (:attr:`gram_coordinates` is False): the fitters use :meth:`z_operator`.
+
     Args:
         act: ``(B, T, d)`` unfolded inputs ``a_{b,t}``; any strides (a transposed view of
             ``F.unfold``'s output is used as it is).
@@ -73,6 +76,8 @@ class SharedBlock:
     Raises:
         ValueError: on inconsistent shapes, dtypes or an unknown option.
     """
+
+    gram_coordinates = False
 
     def __init__(self, act: Tensor, grad: Tensor, *, bias: bool = False, kfac: str = "expand",
                  kfac_forms: tuple[str, ...] | None = None, storage: str | None = None):
@@ -295,27 +300,34 @@ class SharedBlock:
         return SharedRearranged(self)
 
     def kronecker_svd(self, rank: int | None = None, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> KroneckerSVD:
-        """Kronecker SVD of F: the SVD of the dense ``Z(F)`` (m² × n², float64; its nonzero singular
-        values) where ``p²`` fits in ``max_entries``, else the top ``rank`` triplets by Lanczos
-        (only those singular values).
+        """Kronecker SVD of F (:func:`direct_kronecker_svd`)."""
+        return direct_kronecker_svd(self, rank, max_entries)
 
-        Args:
-            rank: number of leading terms whose factors are returned (default: all; required
-                when the block is too large for the dense form).
-        """
-        m, n = self.d_act, self.d_grad
-        if self.p**2 <= max_entries:
-            z = symmetric_part(rearrange(self.to_dense(max_entries).double(), m, n), m, n)
-            u, sigma, vt = torch.linalg.svd(z, full_matrices=False)
-            # The nonzero ones: the rest is rounding noise of the SVD itself.
-            sigma = sigma[sigma > sigma[0] * max(z.shape) * torch.finfo(sigma.dtype).eps]
-            r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
-            act, grad = unvec(u[:, :r].T, m, m), unvec(vt[:r], n, n)
-            return KroneckerSVD(sigma.to(self.dtype), act.to(self.dtype), grad.to(self.dtype))
-        if rank is None:
-            raise BlockTooLargeError(f"the full Kronecker SVD needs Z(F) densely (p² = {self.p**2:,} entries); pass a rank")
-        t = lanczos_svd(self.z_operator(), self.kfac_factors()[1], rank, tol=1e-10, max_restarts=200)
-        return KroneckerSVD(t.sigma, t.left, t.right)
+
+def direct_kronecker_svd(block, rank: int | None = None, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> KroneckerSVD:
+    """Kronecker SVD of a block without Gram coordinates: the SVD of the dense ``Z_s``
+    (m² × n², float64; its nonzero singular values) where ``p²`` fits in ``max_entries``, else
+    the top ``rank`` triplets by Lanczos on ``block.z_operator()`` (only those singular values).
+
+    Args:
+        rank: number of leading terms whose factors are returned (default: all; required
+            when the block is too large for the dense form).
+    """
+    m, n = block.d_act, block.d_grad
+    if block.p**2 <= max_entries:
+        z = symmetric_part(rearrange(block.to_dense(max_entries).double(), m, n), m, n)
+        u, sigma, vt = torch.linalg.svd(z, full_matrices=False)
+        # The nonzero ones: the rest is rounding noise of the SVD itself.
+        sigma = sigma[sigma > sigma[0] * max(z.shape) * torch.finfo(sigma.dtype).eps]
+        r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
+        act, grad = unvec(u[:, :r].T, m, m), unvec(vt[:r], n, n)
+        return KroneckerSVD(sigma.to(block.dtype), act.to(block.dtype), grad.to(block.dtype))
+    if rank is None:
+        raise BlockTooLargeError(f"the full Kronecker SVD needs Z(F) densely (p² = {block.p**2:,} entries); pass a rank")
+    op = block.z_operator()
+    start = op.vectors_of(op.factors.previous[:1] if op.factors.previous.shape[0] else op.factors.kfac[None])[1][0]
+    t = lanczos_svd(op, start, rank, tol=1e-10, max_restarts=200)
+    return KroneckerSVD(t.sigma, t.left, t.right)
 
 
 def symmetric_part(z: Tensor, m: int, n: int) -> Tensor:

@@ -19,6 +19,7 @@ from fisherlab.kron import (
     error2,
     fit,
 )
+from fisherlab.kron.averaged import AveragedBlock
 from fisherlab.kron.fitters import options_of
 from fisherlab.kron.layout import rearrange, unvec, vec
 from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
@@ -341,3 +342,33 @@ def test_kfac_agrees_with_curvlinops(form):
     ours[order[:, None], order[None, :]] = fit("kfac", block).op.to_dense()
     # curvlinops approximates the Fisher of the summed loss, Σ_n; ours is the mean, (1/N) Σ_n.
     torch.testing.assert_close(theirs / x.shape[0], ours)
+
+
+@pytest.mark.parametrize("kfac", [None, "running", "pair"])
+@pytest.mark.parametrize("method", ["kpsvd", "deflation", "lanczos", "gram_svd", "kfac_corrected"])
+def test_averaged_shared_blocks_fit_the_dense_average(method, kfac):
+    block = _conv_block()
+    previous = _fit("deflation", _conv_block(seed=4)).op
+    if kfac == "pair":
+        kfac = tuple(x * 1.5 for x in block.kfac_factors())
+    if method == "kfac_corrected" and kfac is None:
+        pytest.skip("KFAC-corrected needs a KFAC pair")
+    avg = AveragedBlock(block, previous, 0.7, kfac)
+    dense = 0.7 * previous.to_dense() + 0.3 * block.to_dense()
+    torch.testing.assert_close(avg.to_dense(), dense)
+    m, n = block.d_act, block.d_grad
+    if method == "kfac_corrected":
+        act, grad = avg.kfac_factors()
+        base = torch.kron(act, grad)
+        u, s, vt = torch.linalg.svd(_z_sym(dense - base, m, n))
+        ref = base + s[0] * torch.kron(unvec(u[:, 0], m, m), unvec(vt[0], n, n))
+    else:
+        rank = 1 if method == "kpsvd" else 2
+        u, s, vt = torch.linalg.svd(_z_sym(dense, m, n))
+        if s[rank - 1] - s[rank] <= 1e-3 * s[0]:
+            pytest.skip("no singular gap")
+        ref = sum(s[k] * torch.kron(unvec(u[:, k], m, m), unvec(vt[k], n, n)) for k in range(rank))
+    if s[0] - s[1] <= 1e-3 * s[0]:
+        pytest.skip("no singular gap")
+    ours = _fit(method, avg).op.to_dense()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
