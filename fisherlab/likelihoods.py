@@ -47,8 +47,9 @@ class Likelihood:
 
     def check_targets(self, output: Tensor, target: Tensor) -> None:
         """Raises UserInputError if ``target`` does not fit ``output``."""
-        if target.shape != output.shape:
-            raise UserInputError(f"{self.name} targets must have the output's shape {tuple(output.shape)}, got {tuple(target.shape)}")
+        if target.shape != output.shape or not target.is_floating_point():
+            raise UserInputError(f"{self.name} targets must be floating point of the output's shape "
+                                 f"{tuple(output.shape)}, got {target.dtype} of shape {tuple(target.shape)}")
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """``ℓ(f_n, y_n)``, shape ``(B,)``."""

@@ -97,6 +97,8 @@ def test_bad_targets_and_options_are_refused():
     gauss, cat = get_likelihood("gaussian"), get_likelihood("categorical")
     with pytest.raises(UserInputError, match="shape"):
         gauss.per_example_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(UserInputError, match="floating point"):
+        get_likelihood("bernoulli").per_example_loss(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(UserInputError, match="integer class indices"):
         cat.per_example_loss(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(UserInputError, match="integer class indices"):
