@@ -179,7 +179,7 @@ class BlockCapture:
                 raise RuntimeError(f"the input or output of layer {index} was modified in place (inplace activation?)")
         if fisher == "exact":  # one chunk of Hessian columns at a time: wide outputs have many
             count = lik.hessian_rank(output)
-            chunks = (fisher_vectors(lik, fisher, output, columns=range(i, min(i + chunk, count)))
+            chunks = (fisher_vectors(lik, fisher, output, targets, mc_samples=mc_samples, columns=range(i, min(i + chunk, count)))
                       for i in range(0, count, chunk))
         else:
             vectors = fisher_vectors(lik, fisher, output, targets, mc_samples=mc_samples, generator=generator)

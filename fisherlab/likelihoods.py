@@ -201,6 +201,8 @@ def fisher_vectors(
         raise UserInputError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     out = output.detach()
     if fisher == "exact":
+        if targets is not None:
+            raise UserInputError("the exact Fisher takes the loss Hessian at the model's output; pass no targets")
         return likelihood.hessian_sqrt(out, columns) * math.sqrt(likelihood.hessian_rank(out))
     if columns is not None:
         raise UserInputError("columns applies to the Fisher type 'exact' only")

@@ -111,6 +111,8 @@ def test_bad_targets_and_options_are_refused():
         fisher_vectors(gauss, "mc", torch.zeros(2, 3), mc_samples=0)
     with pytest.raises(UserInputError, match="mc_samples"):
         fisher_vectors(gauss, "exact", torch.zeros(2, 3), mc_samples=2)
+    with pytest.raises(UserInputError, match="pass no targets"):
+        fisher_vectors(gauss, "exact", torch.zeros(2, 3), torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
