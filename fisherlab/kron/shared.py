@@ -15,10 +15,13 @@ gives the nonzero eigenvalues of F (those of ``K/N``) and ``‖F‖_F = ‖K‖_
 this is :class:`~fisherlab.kron.stats.BlockStats`, which stays the fast path for such layers.
 
 ``P_n`` is stored densely, ``(N, m, n)``, when ``m n ≤ T (m + n)`` (convolutions), else in
-factored form, the positions ``Ā_n`` (T × m) and ``G_n`` (T × n) themselves (long sequences
-through small layers are the rare other case).
+factored form, the positions ``Ā_n`` (T × m) and ``G_n`` (T × n) themselves (few tokens
+through a wide ``Linear``).
 
-KFAC has two published forms for such layers (``Ā`` and ``G`` averaged over the N samples):
+``V ↦ P_n V P_nᵀ`` keeps symmetric and skew matrices apart: the fitters approximate ``Z_s``,
+the part of ``Z(F)`` between symmetric matrices (:func:`symmetric_part`).
+
+KFAC has two published forms for such layers:
 
 - expand (Grosse & Martens 2016): positions count as samples,
   ``A = (1/(N T)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ``, ``G = (1/N) Σ_{n,t} g_{n,t} g_{n,t}ᵀ``;
@@ -101,7 +104,7 @@ class SharedBlock:
         self._pairs = {}
         if "expand" in forms:
             cov = _bordered(_position_gram(act), act.sum((0, 1)), b * t, bias)
-            self._pairs["expand"] = (_sym(cov / (b * t)), _sym((grad.mT @ grad).sum(0) / rows))
+            self._pairs["expand"] = (_sym(cov / (b * t)), _sym(_position_gram(grad) / rows))
         if "reduce" in forms:
             mean_act = act.mean(dim=1)
             sum_grad = grad.sum(dim=1)
@@ -346,7 +349,7 @@ def symmetric_part(z: Tensor, m: int, n: int) -> Tensor:
 
 
 def _position_gram(act: Tensor) -> Tensor:
-    """``Σ_{b,t} a_{b,t} a_{b,t}ᵀ`` for ``act`` (B, T, d) of any strides.
+    """``Σ_{b,t} a_{b,t} a_{b,t}ᵀ`` for ``act`` (B, T, d) of any strides (inputs or gradients).
 
     A batched product on act's own layout where positions outnumber features, else one matmul
     after a copy to (B T, d): the B small d × d outputs of the former cost more than the copy
