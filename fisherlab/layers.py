@@ -2,9 +2,10 @@
 
 A layer ``y_t = W ā_t`` at positions ``t = 1 … T`` has the per-sample gradient
 ``∇W_n = Σ_t g_{n,t} ā_{n,t}ᵀ`` with ``g_{n,t} = ∂ℓ_n/∂y_{n,t}``. One adapter per layer type
-says how to get ``ā`` (B, T, d_a) from the layer's input (``unfold``), ``g`` (B, T, d_out) from
-the gradient of its output (``positions``), and how ``W`` maps to the module's parameters.
-The bias, when there is one, is column 0 of ``W`` and ``ā_t = (1, a_t)``.
+says how to get ``a`` (B, T, d_a − bias) from the layer's input (``unfold``; ``augmented``
+prepends the ones), ``g`` (N, T, d_out) from the gradient of its output (``positions``), and
+how ``W`` maps to the module's parameters (``matrix_of``, ``parameters_of``). The bias, when
+there is one, is column 0 of ``W`` and ``ā_t = (1, a_t)``.
 
 - ``nn.Linear``: ``W = [bias | weight]``; inputs ``(B, …, d_in)``, every leading dimension but
   the batch's is a position (``T = 1`` for 2-D inputs).
@@ -122,13 +123,9 @@ class ConvAdapter(LayerAdapter):
     def d_act(self) -> int:
         return math.prod(self.module.weight.shape[1:]) + self.bias
 
-    def _geometry(self) -> tuple[tuple[int, ...], ...]:
-        mod = self.module
-        return mod.kernel_size, mod.stride, mod.dilation
-
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
         mod = self.module
-        kernel, stride, dilation = self._geometry()
+        kernel, stride, dilation = mod.kernel_size, mod.stride, mod.dilation
         if isinstance(mod.padding, str):  # "same" / "valid": torch pads the far side more
             pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) if mod.padding == "same" else (0, 0)
                     for k, d in zip(kernel, dilation)]
