@@ -45,6 +45,12 @@ def _conv_transpose():
                          nn.Flatten(), nn.Linear(48, 3))
 
 
+def _pooled():
+    # ReLU, max and average pooling: their backward passes under is_grads_batched.
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2),
+                         nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(2, 3))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
 
@@ -56,6 +62,7 @@ MODELS = {
     "conv1d": (_conv1d, (2, 7)),
     "conv2d": (_conv2d, (2, 5, 4)),
     "conv_transpose": (_conv_transpose, (2, 3, 3)),
+    "pooled": (_pooled, (1, 6, 6)),
 }
 BATCH = 4
 
