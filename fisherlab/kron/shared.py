@@ -125,10 +125,47 @@ class SharedBlock:
                 act = torch.cat([torch.ones_like(act[..., :1]), act], dim=-1)
             self.act, self.grad, self.p_samples = act, grad, None
 
+    def state(self) -> dict[str, Tensor | int | str]:
+        """The block as named tensors and plain values, for storage; :meth:`from_state` inverts it.
+
+        Keys: ``p_samples`` (dense) or ``act`` and ``grad`` (factored, ``act`` with its column of
+        ones), ``kfac_<form>_act`` and ``kfac_<form>_grad`` for each computed KFAC form,
+        ``kfac_form`` and ``positions``.
+        """
+        tensors = {"p_samples": self.p_samples} if self.p_samples is not None else {"act": self.act, "grad": self.grad}
+        for form, (act, grad) in self._pairs.items():
+            tensors[f"kfac_{form}_act"], tensors[f"kfac_{form}_grad"] = act, grad
+        return {**tensors, "kfac_form": self.kfac_form, "positions": self.positions}
+
     @classmethod
-    def _of(cls, state: dict) -> SharedBlock:
+    def from_state(cls, state: dict) -> SharedBlock:
+        """The block :meth:`state` describes.
+
+        Raises:
+            ValueError: for missing keys or inconsistent shapes.
+        """
         block = cls.__new__(cls)
-        block.__dict__.update(state)
+        try:
+            if "p_samples" in state:
+                p = state["p_samples"]
+                block.p_samples, block.act, block.grad, block.storage = p, None, None, "dense"
+                block._shape = tuple(p.shape)
+            else:
+                act, grad = state["act"], state["grad"]
+                if act.ndim != 3 or grad.ndim != 3 or grad.shape[0] % act.shape[0] or act.shape[1] != grad.shape[1]:
+                    raise ValueError(f"act {tuple(act.shape)} and grad {tuple(grad.shape)} do not fit together")
+                block.p_samples, block.act, block.grad, block.storage = None, act, grad, "factored"
+                block._shape = (grad.shape[0], act.shape[2], grad.shape[2])
+            block._pairs = {form: (state[f"kfac_{form}_act"], state[f"kfac_{form}_grad"])
+                            for form in KFAC_FORMS if f"kfac_{form}_act" in state}
+            block.kfac_form, block.positions = str(state["kfac_form"]), int(state["positions"])
+        except KeyError as exc:
+            raise ValueError(f"a SharedBlock state needs {exc.args[0]!r}") from None
+        m, n = block.d_act, block.d_grad
+        bad = [form for form, (a, g) in block._pairs.items() if a.shape != (m, m) or g.shape != (n, n)]
+        if bad or block.kfac_form not in block._pairs:
+            raise ValueError(f"the KFAC factors do not fit a block with m = {m}, n = {n}, or form "
+                             f"{block.kfac_form!r} is missing")
         return block
 
     # -- shape ---------------------------------------------------------------------------
@@ -167,13 +204,8 @@ class SharedBlock:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> SharedBlock:
         """A copy in another dtype or on another device."""
-        def move(x):
-            return None if x is None else x.to(device=device, dtype=dtype)
-
-        state = {k: v for k, v in vars(self).items() if k in ("kfac_form", "storage", "positions", "_shape")}
-        state.update(act=move(self.act), grad=move(self.grad), p_samples=move(self.p_samples),
-                     _pairs={k: (move(a), move(g)) for k, (a, g) in self._pairs.items()})
-        return SharedBlock._of(state)
+        state = {k: v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else v for k, v in self.state().items()}
+        return SharedBlock.from_state(state)
 
     # -- the block ------------------------------------------------------------------------
     def kfac_factors(self, form: str | None = None) -> tuple[Tensor, Tensor]:
@@ -191,8 +223,7 @@ class SharedBlock:
     def with_kfac(self, form: str) -> SharedBlock:
         """The same block whose :meth:`kfac_factors` (and so KFAC, KFAC-corrected) use ``form``."""
         self.kfac_factors(form)
-        state = {k: v for k, v in vars(self).items() if k in ("act", "grad", "p_samples", "storage", "positions", "_shape", "_pairs")}
-        return SharedBlock._of({**state, "kfac_form": form})
+        return SharedBlock.from_state({**self.state(), "kfac_form": form})
 
     def z_matvec(self, v: Tensor) -> Tensor:
         """``Z(F) vec(V) = (1/N) Σ_n vec(P_n V P_nᵀ)`` for ``V`` of shape (..., n, n); (..., m, m)."""

@@ -372,3 +372,19 @@ def test_averaged_shared_blocks_fit_the_dense_average(method, kfac):
         pytest.skip("no singular gap")
     ours = _fit(method, avg).op.to_dense()
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("storage", ["dense", "factored"])
+def test_state_round_trip(storage):
+    block, _, _ = _random(14, storage=storage)
+    state = block.state()
+    assert all(isinstance(v, (torch.Tensor, int, str)) for v in state.values())
+    again = SharedBlock.from_state(state)
+    assert (again.storage, again.positions, again.kfac_form, again.n_samples) == (storage, 5, "expand", 12)
+    torch.testing.assert_close(again.to_dense(), block.to_dense(), rtol=0, atol=0)
+    for form in KFAC_FORMS:
+        assert all(torch.equal(x, y) for x, y in zip(again.kfac_factors(form), block.kfac_factors(form)))
+    with pytest.raises(ValueError, match="positions"):
+        SharedBlock.from_state({k: v for k, v in state.items() if k != "positions"})
+    with pytest.raises(ValueError, match="do not fit"):
+        SharedBlock.from_state({**state, "kfac_expand_act": torch.eye(2, dtype=F64)})
