@@ -63,6 +63,7 @@ def _conv_block(seed=0, kfac="expand", storage=None, fisher="exact"):
 BLOCKS = {
     "dense": lambda: _random(0, storage="dense")[0],
     "factored": lambda: _random(0, storage="factored")[0],
+    "more_samples_than_p": lambda: _random(3, b=20, t=3, m=3, n=3, draws=1)[0],
     "conv": lambda: _conv_block(),
     "conv_reduce": lambda: _conv_block(kfac="reduce"),
     "conv_factored_mc": lambda: _conv_block(storage="factored", fisher="mc"),
