@@ -113,13 +113,14 @@ class SharedBlock:
         self.kfac_form, self.storage, self.positions = kfac, storage, t
         self._shape = (rows, m, n)
         if storage == "dense":
-            # P_r = Ā_bᵀ G_r for every draw at once: one bmm over the inputs, no repeated Ā.
-            stacked = grad.reshape(draws, b, t, n).permute(1, 2, 0, 3).reshape(b, t, draws * n)
-            p = act.mT @ stacked
+            # P_r = Ā_bᵀ G_r for every draw at once: one bmm over the inputs, no repeated Ā, on
+            # the gradients' (n, T) layout that a convolution's output gives (a view for K = 1).
+            grad_t = grad.transpose(1, 2).unflatten(0, (draws, b)).transpose(0, 1).reshape(b, draws * n, t)
+            p = act.mT @ grad_t.mT  # (B, d, K n)
             if bias:
-                p = torch.cat([stacked.sum(1, keepdim=True), p], dim=1)
+                p = torch.cat([grad_t.sum(-1)[:, None], p], dim=1)
             self.act = self.grad = None
-            self.p_samples = p.reshape(b, m, draws, n).permute(2, 0, 1, 3).reshape(-1, m, n)
+            self.p_samples = p.unflatten(2, (draws, n)).permute(2, 0, 1, 3).reshape(-1, m, n)
         else:
             if bias:
                 act = torch.cat([torch.ones_like(act[..., :1]), act], dim=-1)
