@@ -148,11 +148,18 @@ def test_only_the_asked_kfac_forms_are_computed():
         SharedBlock(act, grad, kfac="expand", kfac_forms=("reduce",))
 
 
-def test_kfac_reduce_is_exact_where_the_input_does_not_vary_over_positions():
-    _, act, grad = _random(5, draws=1)
-    act = act[:1].expand(act.shape[0], -1, -1)[:, :1].expand(-1, act.shape[1], -1).contiguous()  # one input
+def test_reduce_statistics_give_the_block_where_the_input_does_not_vary_over_positions():
+    _, act, grad = _random(5, draws=2)
+    act = act[:, :1].expand(-1, act.shape[1], -1).contiguous()  # each input constant over positions
     block = SharedBlock(act, grad, kfac="reduce")
-    torch.testing.assert_close(fit("kfac", block).op.to_dense(), block.to_dense())
+    # P_n = ā̄_n ĝ_nᵀ: the rank-one block of the reduced statistics, and KFAC-reduce is its KFAC.
+    rank_one = BlockStats(act.mean(1).repeat(2, 1), grad.sum(1))
+    torch.testing.assert_close(block.to_dense(), rank_one.to_dense())
+    for x, y in zip(block.kfac_factors(), rank_one.kfac_factors()):
+        torch.testing.assert_close(x, y)
+    # One input for every sample too: F is itself a Kronecker product, and KFAC-reduce is exact.
+    one = SharedBlock(act[:1].expand(act.shape[0], -1, -1).contiguous(), grad, kfac="reduce")
+    torch.testing.assert_close(fit("kfac", one).op.to_dense(), one.to_dense())
 
 
 def test_rank_one_case_agrees_with_blockstats():
