@@ -57,7 +57,7 @@ class AveragedBlock:
             cost nothing, the first lying in the span already.
 
     Attributes:
-        a, g: the batch's per-sample statistics (the fitters allocate work arrays like them).
+        a, g: the batch's per-sample statistics (rank-one batch blocks only).
     """
 
     def __init__(self, stats: BlockStats, previous: KronSum, weight: float,
