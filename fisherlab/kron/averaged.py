@@ -20,13 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisherlab.kron.block import (
-    DEFAULT_MAX_DENSE_ENTRIES,
-    BlockTooLargeError,
-    RankOneBlock,
-)
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, RankOneBlock
 from fisherlab.kron.kronsum import KronSum
-from fisherlab.kron.rearranged import ZFactors, frobenius_inner, linear_combination
+from fisherlab.kron.rearranged import KroneckerSVD, ZFactors, frobenius_inner, kronecker_svd, linear_combination
+from fisherlab.kron.shared import NamedPairs, SharedRearranged, direct_kronecker_svd
 from fisherlab.kron.stats import BlockStats
 
 
@@ -50,7 +47,7 @@ class AveragedBlock(RankOneBlock):
             cost nothing, the first lying in the span already.
 
     Attributes:
-        a, g: the batch's per-sample statistics (the first columns of ``D_a``, ``D_g``).
+        a, g: the batch's per-sample statistics (rank-one batch blocks only).
     """
 
     def __init__(self, stats: BlockStats, previous: KronSum, weight: float,
@@ -73,7 +70,34 @@ class AveragedBlock(RankOneBlock):
         self.previous = previous.to(stats.dtype, stats.device)
         self.weight = float(weight)
         self._kfac = kfac
-        self.a, self.g = stats.a, stats.g
+        #: False for a weight-shared batch block: then Z(F̃) is taken by its products (z_operator).
+        self.gram_coordinates = getattr(stats, "gram_coordinates", True)
+        if self.gram_coordinates:
+            self.a, self.g = stats.a, stats.g
+
+    # Sizes from the batch block: ``a`` and ``g`` exist only where it has rank-one samples.
+    @property
+    def n_samples(self) -> int:
+        """``N`` of the batch block."""
+        return self.stats.n_samples
+
+    @property
+    def d_act(self) -> int:
+        """``m``, the activation-side dimension."""
+        return self.stats.d_act
+
+    @property
+    def d_grad(self) -> int:
+        """``n``, the gradient-side dimension."""
+        return self.stats.d_grad
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stats.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats.device
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AveragedBlock:
         """A copy in another dtype or on another device."""
@@ -129,6 +153,24 @@ class AveragedBlock(RankOneBlock):
         """``⟨F̃, A_j ⊗ G_j⟩ = ρ Σ_i ⟨A_i, A_j⟩⟨G_i, G_j⟩ + (1 − ρ) ⟨F, A_j ⊗ G_j⟩``, shape (r,)."""
         past = (frobenius_inner(self.previous.act, act) * frobenius_inner(self.previous.grad, grad)).sum(dim=-1)
         return self.weight * past + (1 - self.weight) * self.stats.inner(act, grad)
+
+    def z_operator(self) -> SharedRearranged:
+        """``Z(F̃)`` by its products, for a weight-shared batch block; the named pairs are the
+        previous terms and the KFAC pair (appended where it is not the running one)."""
+        r = self.previous.rank
+        act, grad, count = self.previous.act, self.previous.grad, r
+        kfac = None
+        if self._kfac is not None:
+            a, g = self.kfac_factors()
+            act, grad, count = torch.cat([act, a[None]]), torch.cat([grad, g[None]]), r + 1
+        columns = torch.eye(count, dtype=self.dtype, device=self.device)
+        if self._kfac is not None:
+            kfac = columns[-1]
+        return SharedRearranged(self, factors=NamedPairs(act, grad, kfac, columns[:r]))
+
+    def kronecker_svd(self, rank: int | None = None) -> KroneckerSVD:
+        """Kronecker SVD of F̃ (for a weight-shared batch block, :func:`~fisherlab.kron.shared.direct_kronecker_svd`)."""
+        return kronecker_svd(self, rank) if self.gram_coordinates else direct_kronecker_svd(self, rank)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F̃‖_F`` from ``ρ²‖F̂‖² + 2ρ(1−ρ)⟨F, F̂⟩ + (1−ρ)²‖F‖²`` (no dense block)."""

@@ -223,7 +223,7 @@ class Rearranged:
 
     def minus(self, left: Tensor, right: Tensor) -> Rearranged:
         """This operator with the terms ``vec(L_j) vec(R_j)ᵀ`` removed too (stacked vectors)."""
-        return Rearranged(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
+        return type(self)(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
 
     def matvec(self, v: Tensor) -> Tensor:
         return _minus_terms(self.block.z_matvec(v), self.act, self.grad, v)
@@ -320,8 +320,11 @@ def rearranged(block: RankOneBlock) -> Rearranged | SpanRearranged:
     the Cholesky factors and triangular inverses (an eigendecomposition, ``≈ 20 N³``, only where
     those are ill-conditioned). A direct product pair costs ``≈ 4 N (m² + n²)`` and a
     warm-started fit takes about 3 to 30 pairs (Figure 1 runs), so the coordinates pay off from
-    about ``N² ≈ 4 (m² + n²)`` on.
+    about ``N² ≈ 4 (m² + n²)`` on. A block whose ``gram_coordinates`` is False (a weight-shared
+    layer's, :mod:`fisherlab.kron.shared`: ``Z`` is not of that form) supplies its own operator.
     """
+    if not getattr(block, "gram_coordinates", True):  # a weight-shared block: its own products
+        return block.z_operator()
     _require_rank_one(block, "the fitters' rearranged block")
     if "span_rearranged" in vars(block) or block.n_samples**2 <= 4 * (block.d_act**2 + block.d_grad**2):
         return block.span_rearranged
@@ -339,6 +342,8 @@ def kronecker_svd(block: RankOneBlock, rank: int | None = None) -> KroneckerSVD:
     Args:
         rank: number of leading terms whose factors are returned (default: all).
     """
+    if not getattr(block, "gram_coordinates", True):  # the block decomposes itself
+        return block.kronecker_svd(rank)
     _require_rank_one(block, "the exact Kronecker SVD")
     z = block.span_rearranged
     x, sigma, yt = torch.linalg.svd(z.core, full_matrices=False)
