@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     import fisherlab
     from fisherlab.store import RunReader
 
-    print(f"fisherlab analysis benchmark: fisherlab from {Path(fisherlab.__file__).parent} dtype=float64 threads={torch.get_num_threads()} "
+    print(f"fisherlab analysis benchmark: fisherlab from {Path(fisherlab.__file__).parent} dtype=float64 "
+          f"threads={torch.get_num_threads()} "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} torch={torch.__version__} "
           f"cores={os.cpu_count()} device={args.device} loadavg={load_avg()} error2_timeout={args.error2_timeout_s:g}s",
           flush=True)

@@ -64,7 +64,7 @@ def main() -> None:
 
     modes = {"adam": None, "mc": "mc", "exact": "exact"}
     times: dict[str, list[float]] = {name: [] for name in modes}
-    for name, fisher in modes.items():  # warm-up
+    for fisher in modes.values():  # warm-up
         step(fisher)
     for _ in range(args.steps):
         for name, fisher in modes.items():

@@ -196,7 +196,8 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
         approx = fr.op
         t_hat, dense_hat = timeit(lambda: approx.to_dense(max_entries=size.p**2), repeat)
 
-        t_de1, de1 = timeit(lambda: float(torch.linalg.matrix_norm(dense_f - dense_hat) / torch.linalg.matrix_norm(dense_f)), repeat)
+        norm_f = torch.linalg.matrix_norm(dense_f)
+        t_de1, de1 = timeit(lambda: float(torch.linalg.matrix_norm(dense_f - dense_hat) / norm_f), repeat)
         t_fe1, fe1 = timeit(lambda: error1(stats, approx), max(repeat, 3))
         Table.row(tag, f"E1 {method}", t_hat + t_de1, t_fe1, note=f"E1={fe1:.4g} (dense {de1:.4g})")
 
@@ -217,7 +218,7 @@ def bench_layer5(size: Size, dtype, repeat: int, table: Table, dense_eig: bool, 
         res["e2"][method] = (t_deig, t_fe2, not dense_eig, not done)
         tot_dense += t_hat + t_de1 + t_deig
         tot_free += t_fit + t_fe1 + t_fe2
-        del dense_hat
+        dense_hat = None  # free the p × p block before the next method
     Table.row(tag, "TOTAL (dense path vs free path)", tot_dense, tot_free, est=not dense_eig)
     print(flush=True)
     return res

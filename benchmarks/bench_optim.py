@@ -80,7 +80,7 @@ def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[i
         _timed(opt, model, problem, batches[0], device)  # warm-up (and the first update)
         _timed(opt, model, problem, batches[1], device)
         plain, update = [], []
-        for i, x in enumerate(batches[2:]):
+        for x in batches[2:]:
             for _ in range(2):
                 (update if isinstance(opt, NaturalGradient) and opt.diagnostics.steps % 2 == 0 else plain).append(
                     _timed(opt, model, problem, x, device)

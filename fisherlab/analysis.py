@@ -534,14 +534,14 @@ class Results:
         with RunReader(self.path) as reader:
             if not reader.analysis_done(step, layer, EXACT):
                 raise UserInputError(f"no analysis of step {step}, layer {layer} in {self.path}")
-            names = {EXACT: EXACT} | {m: stored for (s, l, m), stored in _analysis_methods(reader).items()
-                                      if (s, l) == (step, layer)}
+            names = {EXACT: EXACT} | {m: stored for (s, i, m), stored in _analysis_methods(reader).items()
+                                      if (s, i) == (step, layer)}
             return {method: reader.read_analysis(step, layer, stored)[0]["eigenvalues"] for method, stored in names.items()}
 
     def profiles(self, layer: int) -> tuple[list[int], list[np.ndarray]]:
         """The Kronecker singular-value profile of layer ``layer``'s block at every step."""
         with RunReader(self.path) as reader:
-            steps = [s for s, l, m in reader.analysis_keys() if l == layer and m == EXACT]
+            steps = [s for s, i, m in reader.analysis_keys() if i == layer and m == EXACT]
             if not steps:
                 raise UserInputError(f"no analysis of layer {layer} in {self.path}")
             return steps, [reader.read_analysis(s, layer, EXACT)[0]["kron_singular_values"] for s in steps]

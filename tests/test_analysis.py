@@ -42,7 +42,8 @@ def test_errors_equal_dense_computations_from_the_stored_blocks(run_file, tmp_pa
         for row in rows:
             step, layer = int(row["step"]), int(row["layer"])
             dense = reader.dense(step, layer)
-            approx = fit(row["method"], reader.stats(step, layer), **({"tol": 1e-12} if row["method"] not in ("kfac", "kronecker_svd") else {}))
+            options = {"tol": 1e-12} if row["method"] not in ("kfac", "kronecker_svd") else {}
+            approx = fit(row["method"], reader.stats(step, layer), **options)
             dense_hat = approx.op.to_dense()
             assert float(row["error1"]) == pytest.approx(dense_error1(dense, dense_hat), rel=1e-8)
             assert float(row["error2"]) == pytest.approx(dense_error2(dense, dense_hat), rel=1e-8, abs=1e-10)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import fisherlab.precondition as precondition_module
+from fisherlab.kron import METHODS
 from fisherlab.kron.layout import rearrange, unvec, vec, weight_from_linear
 from fisherlab.kron.solve import FactorizationError
-from fisherlab.kron import METHODS
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.problems import get_problem

@@ -249,7 +249,8 @@ def test_cli_bad_inputs_are_one_line_errors(run_file, tmp_path, capsys):
     _one_line_error(capsys, ["plot", str(tmp_path / "bad")], "not a training history")
     _one_line_error(capsys, ["plot", str(tmp_path / "bad"), "--layer", "1"], "--layer")
     # Every input is checked before anything is drawn: a good run beside a bad one writes nothing.
-    _one_line_error(capsys, ["plot", str(run_file), str(tmp_path / "bad"), "--out", str(tmp_path / "o")], "not a training history")
+    argv = ["plot", str(run_file), str(tmp_path / "bad"), "--out", str(tmp_path / "o")]
+    _one_line_error(capsys, argv, "not a training history")
     _one_line_error(capsys, ["plot", str(run_file), str(unanalyzed), "--out", str(tmp_path / "o")], "no analysis")
     assert not (tmp_path / "o").exists()
     empty = tmp_path / "empty"

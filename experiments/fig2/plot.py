@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIGURES = ROOT / "figures"
 sys.path.insert(0, str(HERE))
-from run import load_config, problem_settings
+from run import load_config, problem_settings  # noqa: E402 - the runner beside this script
 
 
 def main(argv: list[str] | None = None) -> int:

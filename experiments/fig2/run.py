@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": record["final"]["seconds"],
                 "epochs": record["final"]["epoch"],
                 "history": str(out.relative_to(HERE) / "history.csv"),
-                "grid": [{"settings": p, "final_train_loss": l} for l, p, _ in candidates],
+                "grid": [{"settings": p, "final_train_loss": loss} for loss, p, _ in candidates],
             }
             atomic_write(best_path, json.dumps(best, indent=1))
     write_summary(best, results / "summary.md", args.profile,

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    table = analyze(args.run, out_dir=args.out, device=str(resolve_device(args.device)), progress=not args.quiet, **analysis_kwargs(args))
+    device = str(resolve_device(args.device))
+    table = analyze(args.run, out_dir=args.out, device=device, progress=not args.quiet, **analysis_kwargs(args))
     print(f"errors table: {table}")
     with open(table, newline="") as fh:
         statuses = [row["status"] for row in csv.DictReader(fh)]

@@ -45,10 +45,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, SampleBlock
 from fisherlab.kron.layout import rearrange, unvec
 from fisherlab.kron.partial_svd import lanczos_svd
 from fisherlab.kron.rearranged import KroneckerSVD, Rearranged, linear_combination
-from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, SampleBlock
 
 #: The two KFAC forms for weight-sharing layers.
 KFAC_FORMS = ("expand", "reduce")
@@ -85,7 +85,9 @@ class SharedBlock(SampleBlock):
     def __init__(self, act: Tensor, grad: Tensor, *, bias: bool = False, kfac: str = "expand",
                  kfac_forms: tuple[str, ...] | None = None, storage: str | None = None):
         if act.ndim != 3 or grad.ndim != 3:
-            raise ValueError(f"act and grad must be 3-D (samples, positions, features), got {tuple(act.shape)} and {tuple(grad.shape)}")
+            raise ValueError(
+                f"act and grad must be 3-D (samples, positions, features), got {tuple(act.shape)} and {tuple(grad.shape)}"
+            )
         b, t, d = act.shape
         if b == 0 or grad.shape[0] % b or grad.shape[1] != t:
             raise ValueError(f"grad {tuple(grad.shape)} needs a positive multiple of act's {b} rows and its {t} positions")

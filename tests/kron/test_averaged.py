@@ -93,8 +93,11 @@ def test_invalid_arguments(stats):
 def test_average_terms_averages_each_factor_after_aligning_joint_signs():
     gen = torch.Generator().manual_seed(5)
     m, n = 3, 4
-    prev = KronSum(torch.randn(2, m, m, generator=gen, dtype=torch.float64), torch.randn(2, n, n, generator=gen, dtype=torch.float64))
-    cur = KronSum(torch.randn(2, m, m, generator=gen, dtype=torch.float64), torch.randn(2, n, n, generator=gen, dtype=torch.float64))
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    prev = KronSum(randn(2, m, m), randn(2, n, n))
+    cur = KronSum(randn(2, m, m), randn(2, n, n))
     # A ⊗ G = (−A) ⊗ (−G): flipping a current term's joint sign changes nothing, and the
     # term kept is the one whose first factor points along the previous one.
     flipped = KronSum(cur.act * torch.tensor([1.0, -1.0], dtype=torch.float64)[:, None, None],

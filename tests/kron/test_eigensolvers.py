@@ -6,7 +6,6 @@ import torch
 import fisherlab.kron.kronsum as operator_module
 from fisherlab.kron import BlockStats, ExactReference, KronSum, dense_error2, fit
 from fisherlab.kron.eigensolvers import kron_top_eigenvalues
-
 from tests.conftest import _random, devices
 
 
@@ -65,8 +64,8 @@ def _fitted(seed: int, d_in: int, d_out: int, n: int) -> tuple[KronSum, torch.Te
     """A rank-2 Deflation fit of a ReLU-like block (decaying spectrum, a few negative
     eigenvalues) and the eigenvalues of F, the weights Error 2 uses."""
     gen = torch.Generator().manual_seed(seed)
-    h = torch.relu(torch.randn(n, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, d_in, generator=gen, dtype=torch.float64)
-                   + 0.3 * torch.randn(n, d_in, generator=gen, dtype=torch.float64))
+    low_rank = torch.randn(n, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, d_in, generator=gen, dtype=torch.float64)
+    h = torch.relu(low_rank + 0.3 * torch.randn(n, d_in, generator=gen, dtype=torch.float64))
     a = torch.cat([torch.ones(n, 1, dtype=torch.float64), h], dim=1)
     g = torch.randn(n, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, d_out, generator=gen, dtype=torch.float64)
     g = g + 0.2 * torch.randn(n, d_out, generator=gen, dtype=torch.float64)

@@ -3,10 +3,9 @@ import torch
 
 from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
 from fisherlab.kron.fitters import is_zero_block
+from fisherlab.kron.layout import rearrange, unvec, vec
 from fisherlab.kron.partial_svd import lanczos_svd
 from fisherlab.kron.rearranged import rearranged
-from fisherlab.kron.layout import rearrange, unvec, vec
-
 from tests.conftest import CASES, _random, cuda
 
 TIGHT = 1e-12

@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from fisherlab.kron import KronSum, fit
-from fisherlab.kron.averaged import AveragedBlock
 from fisherlab.kron import rearranged as rearranged_module
+from fisherlab.kron.averaged import AveragedBlock
 from fisherlab.kron.layout import rearrange, unvec, vec
+from fisherlab.kron.partial_svd import lanczos_svd, power_svd
 from fisherlab.kron.rearranged import (
     FactorSpan,
-    SpanRearranged,
     Rearranged,
+    SpanRearranged,
     kronecker_svd,
     rearranged,
 )
-from fisherlab.kron.partial_svd import lanczos_svd, power_svd
-
 from tests.conftest import CASES, _random
 
 

@@ -15,7 +15,6 @@ from fisherlab.kron.solve import (
     pi_factor,
     safe_eigh,
 )
-
 from tests.conftest import CASES
 
 
