@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fisherlab.analysis import _local_cluster, analyze
+from fisherlab.analysis import analyze, local_cluster
 from fisherlab.kron import BlockStats
 from fisherlab.store import RunReader, RunWriter
 
@@ -93,7 +93,7 @@ def timed(label: str, run: Path, workers: int | None = None) -> tuple[float, flo
     else:
         import dask.distributed
 
-        cluster = _local_cluster(dask.distributed, workers)
+        cluster = local_cluster(workers)
         with cluster, dask.distributed.Client(cluster) as client:
             before = sum(client.run(_cpu_seconds).values())
             analyze(run, out_dir=run.parent / run.stem, progress=False, scheduler=cluster.scheduler_address)

@@ -348,7 +348,7 @@ def _run_dask(
             except (OSError, TimeoutError, ValueError) as exc:
                 raise UserInputError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
         else:
-            cluster = _local_cluster(distributed, workers)
+            cluster = local_cluster(workers)
             client = distributed.Client(cluster)
         with client:
             _schedule(client, distributed.as_completed(), reader, settings, iter(blocks), bar)
@@ -365,14 +365,19 @@ def _run_dask(
 MMAP_THRESHOLD = 2**25
 
 
-def _local_cluster(distributed, workers: int):
-    """A cluster of ``workers`` one-thread processes, no dashboard.
+def local_cluster(workers: int):
+    """The ``dask.distributed.LocalCluster`` that ``analyze(workers=N)`` runs on: ``workers``
+    one-thread processes, no dashboard.
 
     Dask gives its workers ``MALLOC_TRIM_THRESHOLD_``, which also turns off glibc's adaptive
-    mmap threshold: every eigensolver temporary above 128 kB is then mapped and page-faulted
-    afresh, five times the system time of the serial loop (measured: 3.8 s against 0.7 s of
-    system time for the same blocks). A fixed threshold of 32 MiB keeps them on the heap.
+    mmap threshold: every eigensolver temporary above 128 kB would then be mapped and
+    page-faulted afresh (``benchmarks/results/bench_workers.txt``). A fixed threshold of 32 MiB
+    keeps them on the heap.
+
+    Raises:
+        UserInputError: Dask is not installed (the message says how to install it).
     """
+    distributed = _import_dask()
     import dask
 
     environ = dask.config.get("distributed.nanny.pre-spawn-environ", {}) | {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
