@@ -523,14 +523,17 @@ class Results:
 
     @property
     def layers(self) -> list[int]:
+        """The analyzed layers, ascending."""
         return sorted({r["layer"] for r in self.rows})
 
     @property
     def steps(self) -> list[int]:
+        """The analyzed steps, ascending."""
         return sorted({r["step"] for r in self.rows})
 
     @property
     def methods(self) -> list[str]:
+        """The methods with results, in the registry's order (:data:`METHODS`)."""
         seen = {r["method"] for r in self.rows}
         return [m for m in METHODS if m in seen]
 

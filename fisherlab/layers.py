@@ -40,10 +40,12 @@ class LayerAdapter:
 
     @property
     def bias(self) -> bool:
+        """Whether the module has a bias (column 0 of ``W``)."""
         return self.module.bias is not None
 
     @property
     def d_out(self) -> int:
+        """``d_out``, the rows of ``W``: the layer's output features or channels."""
         raise NotImplementedError
 
     @property
@@ -87,26 +89,34 @@ class LayerAdapter:
 
 
 class LinearAdapter(LayerAdapter):
+    """``nn.Linear``: ``W = [bias | weight]``; every input dimension between the batch's and the last is a position."""
+
     types = (nn.Linear,)
 
     @property
     def d_out(self) -> int:
+        """``d_out = out_features``."""
         return self.module.out_features
 
     @property
     def d_act(self) -> int:
+        """``d_a = in_features``, plus 1 with a bias."""
         return self.module.in_features + self.bias
 
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
+        """``a`` (B, T, d_in): the input with its dimensions between the batch's and the last flattened into positions."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def positions(self, dy: Tensor) -> Tensor:
+        """``g`` (N, T, d_out): the output gradients flattened into positions like :meth:`unfold`."""
         return dy.reshape(dy.shape[0], -1, dy.shape[-1])
 
     def matrix_of(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = [bias | weight]`` (d_out × d_a)."""
         return self._join(weight, bias)
 
     def parameters_of(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(W[:, 1:], W[:, 0])`` with a bias, ``(W, None)`` without."""
         return self._split(w)
 
 
@@ -117,13 +127,16 @@ class ConvAdapter(LayerAdapter):
 
     @property
     def d_out(self) -> int:
+        """``d_out = out_channels``."""
         return self.module.out_channels
 
     @property
     def d_act(self) -> int:
+        """``d_a = C_in`` times the kernel size, plus 1 with a bias."""
         return math.prod(self.module.weight.shape[1:]) + self.bias
 
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
+        """``a`` (B, T, d_a − bias): the input patch at each output position, padded as the module pads."""
         mod = self.module
         kernel, stride, dilation = mod.kernel_size, mod.stride, mod.dilation
         if isinstance(mod.padding, str):  # "same" / "valid": torch pads the far side more
@@ -137,12 +150,15 @@ class ConvAdapter(LayerAdapter):
         return _unfold(x, kernel, stride, dilation)
 
     def positions(self, dy: Tensor) -> Tensor:
+        """``g`` (N, T, C_out): the output gradients (N, C_out, …) with their spatial positions flattened."""
         return dy.flatten(2).transpose(1, 2)
 
     def matrix_of(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = [bias | weight.flatten(1)]`` (d_out × d_a)."""
         return self._join(weight.flatten(1), bias)
 
     def parameters_of(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)``: the columns of ``W`` after the first shaped like the weight, column 0 (None without a bias)."""
         weight, bias = self._split(w)
         return weight.reshape(self.module.weight.shape), bias
 
@@ -154,14 +170,18 @@ class ConvTransposeAdapter(LayerAdapter):
 
     @property
     def d_out(self) -> int:
+        """``d_out = out_channels``."""
         return self.module.out_channels
 
     @property
     def d_act(self) -> int:
+        """``d_a = C_in k_h k_w``, plus 1 with a bias."""
         c_in, _, kh, kw = self.module.weight.shape
         return c_in * kh * kw + self.bias
 
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
+        """``a`` (B, T, d_a − bias): patches of the input spread and padded as for the direct convolution
+        (``y``, the output, fixes the far-side padding)."""
         mod = self.module
         (sh, sw), (dh, dw), (kh, kw) = mod.stride, mod.dilation, mod.kernel_size
         b, c, h, w = x.shape
@@ -175,12 +195,15 @@ class ConvTransposeAdapter(LayerAdapter):
         return _unfold(spread, (kh, kw), (1, 1), (dh, dw))
 
     def positions(self, dy: Tensor) -> Tensor:
+        """``g`` (N, T, C_out): the output gradients (N, C_out, …) with their spatial positions flattened."""
         return dy.flatten(2).transpose(1, 2)
 
     def matrix_of(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``W = [bias | W'.flatten(1)]`` with the direct convolution's kernel ``W'`` (module docstring)."""
         return self._join(weight.flip(-2, -1).transpose(0, 1).flatten(1), bias)
 
     def parameters_of(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)``: ``W'`` back in the weight's (C_in, C_out, k_h, k_w) layout, column 0 (None without a bias)."""
         weight, bias = self._split(w)
         c_in, c_out, kh, kw = self.module.weight.shape
         return weight.reshape(c_out, c_in, kh, kw).transpose(0, 1).flip(-2, -1), bias

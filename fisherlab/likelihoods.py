@@ -88,14 +88,17 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """``½ ‖y_n − f_n‖²``, shape ``(B,)``."""
         self.check_targets(output, target)
         return 0.5 * (output - target).square().flatten(1).sum(dim=1)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``f + ε`` with ``ε ~ N(0, I)``."""
         output = output.detach()
         return output + torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
 
     def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        """Columns of ``S = I`` per example: ``(c, B, …)``."""
         return _unit_columns(torch.ones_like(output.detach()), columns)
 
 
@@ -105,13 +108,16 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Binary cross-entropy with logits ``f_n`` summed over the units, shape ``(B,)``."""
         self.check_targets(output, target)
         return F.binary_cross_entropy_with_logits(output, target, reduction="none").flatten(1).sum(dim=1)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``y ~ Bernoulli(σ(f))``, independently per unit."""
         return torch.bernoulli(torch.sigmoid(output.detach()), generator=generator)
 
     def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        """Columns of ``S = diag(√(σ(1 − σ)))`` per example: ``(c, B, …)``."""
         prob = torch.sigmoid(output.detach())
         return _unit_columns((prob * (1 - prob)).sqrt(), columns)
 
@@ -122,6 +128,7 @@ class Categorical(Likelihood):
     name = "categorical"
 
     def check_targets(self, output: Tensor, target: Tensor) -> None:
+        """Raises UserInputError unless ``output`` is (B, …, C) and ``target`` integer class indices (B, …)."""
         if output.ndim < 2:
             raise UserInputError(f"categorical outputs need shape (batch, …, classes), got {tuple(output.shape)}")
         if target.shape != output.shape[:-1] or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -131,16 +138,19 @@ class Categorical(Likelihood):
             )
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """``−Σ log softmax(f_n)_{y_n}`` over the positions, shape ``(B,)``."""
         self.check_targets(output, target)
         nll = -torch.log_softmax(output, dim=-1).gather(-1, target.long()[..., None])[..., 0]
         return nll.reshape(output.shape[0], -1).sum(dim=1)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Class indices (B, …) drawn from ``Categorical(softmax f)`` at each position."""
         prob = torch.softmax(output.detach(), dim=-1)
         flat = torch.multinomial(prob.reshape(-1, prob.shape[-1]), 1, generator=generator)
         return flat.reshape(prob.shape[:-1])
 
     def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
+        """Columns ``√p_{q,c} (e_c − p_q)`` of ``S`` (column ``q C + c``: position ``q``, class ``c``): ``(c, B, …, C)``."""
         # Column q C + c (position q, class c): √p_{q,c} (e_c − p_q) at position q, zero elsewhere.
         prob = torch.softmax(output.detach(), dim=-1)
         b, c = prob.shape[0], prob.shape[-1]

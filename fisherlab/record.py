@@ -268,6 +268,7 @@ class Recorder(Hook):
         return True
 
     def postfix(self) -> dict:
+        """The progress bar's ``recorded`` field: the last step in the run file (None before the first or without a writer)."""
         return {"recorded": None if self.writer is None else self.writer.last_step}
 
 

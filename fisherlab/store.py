@@ -530,6 +530,7 @@ class RunReader:
         return sorted(keys)
 
     def close(self) -> None:
+        """Close the run file."""
         self._file.close()
 
     def __enter__(self) -> RunReader:

@@ -64,6 +64,7 @@ def analysis_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``analyze``'s options to its sub-parser."""
     parser.add_argument("run", help="HDF5 run file written by `fisherlab record`")
     parser.add_argument("--out", help="directory for errors.csv (default: beside the run file)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
@@ -76,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Analyze the run file ``args`` names; 0 on success, 1 with ``--strict`` where a fit failed."""
     device = str(resolve_device(args.device))
     table = analyze(args.run, out_dir=args.out, device=device, progress=not args.quiet, **analysis_kwargs(args))
     print(f"errors table: {table}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``plot``'s options to its sub-parser."""
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", type=Path,
         help="analyzed run file (.h5), history.csv, or a directory holding history.csv files",
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Draw the figures of ``args.paths`` and print one line per figure set; 0 on success."""
     from fisherlab.plots.files import plot_files
 
     for line in plot_files(args.paths, args.layer, args.step, args.out):

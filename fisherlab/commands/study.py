@@ -11,6 +11,7 @@ from fisherlab.study import QUICK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``study``'s options to its sub-parser."""
     parser.add_argument("--problem", default="curves", help="curves, mnist, faces, or layer sizes such as 20-10-20")
     parser.add_argument("--out", help="output directory (default: study-<problem>)")
     parser.add_argument("--full", action="store_true", help="the paper's settings: whole epochs, every 100 steps")
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the study ``args`` describes and print where its outputs are; 0 on success."""
     from fisherlab.study import study
 
     result = study(

@@ -93,10 +93,12 @@ class AveragedBlock(RankOneBlock):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the batch block."""
         return self.stats.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the batch block."""
         return self.stats.device
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AveragedBlock:

@@ -72,13 +72,16 @@ class Block(Protocol):
     """
 
     @property
-    def n_samples(self) -> int: ...
+    def n_samples(self) -> int:
+        """``N``, the number of per-sample terms."""
 
     @property
-    def d_act(self) -> int: ...
+    def d_act(self) -> int:
+        """``m``, the activation-side dimension."""
 
     @property
-    def d_grad(self) -> int: ...
+    def d_grad(self) -> int:
+        """``n``, the gradient-side dimension."""
 
     @property
     def p(self) -> int:
@@ -86,24 +89,33 @@ class Block(Protocol):
         return self.d_act * self.d_grad
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of the block's tensors."""
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The device of the block's tensors."""
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Block: ...
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Block:
+        """The same block in ``dtype`` on ``device`` (None keeps the current one), a new object."""
 
-    def kfac_factors(self) -> tuple[Tensor, Tensor]: ...
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        """KFAC's symmetric factors ``(A, G)``, ``m × m`` and ``n × n`` (callers must not modify them)."""
 
-    def z_matvec(self, v: Tensor) -> Tensor: ...
+    def z_matvec(self, v: Tensor) -> Tensor:
+        """``Z(F) vec(V)`` for ``V`` of shape (..., n, n), returned as (..., m, m)."""
 
-    def z_rmatvec(self, u: Tensor) -> Tensor: ...
+    def z_rmatvec(self, u: Tensor) -> Tensor:
+        """``Z(F)ᵀ vec(U)`` for ``U`` of shape (..., m, m), returned as (..., n, n)."""
 
-    def inner(self, act: Tensor, grad: Tensor) -> Tensor: ...
+    def inner(self, act: Tensor, grad: Tensor) -> Tensor:
+        """``⟨F, A_j ⊗ G_j⟩_F`` for stacked factors ``act`` (r, m, m) and ``grad`` (r, n, n), shape (r,)."""
 
-    def frobenius_norm(self) -> Tensor: ...
+    def frobenius_norm(self) -> Tensor:
+        """``‖F‖_F`` as a 0-d tensor."""
 
-    def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor: ...
+    def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
+        """The dense ``p × p`` block; raises :class:`BlockTooLargeError` where ``p²`` exceeds ``max_entries``."""
 
 
 @runtime_checkable
@@ -121,9 +133,11 @@ class SampleBlock(Block, Protocol):
       are zero), defined here from the kernel matrix.
     """
 
-    def quadratic_forms(self, act: Tensor, grad: Tensor) -> Tensor: ...
+    def quadratic_forms(self, act: Tensor, grad: Tensor) -> Tensor:
+        """``⟨P_n G_j P_nᵀ, A_j⟩`` for stacked factors ``act`` (r, m, m) and ``grad`` (r, n, n), shape (r, N)."""
 
-    def kernel_matrix(self) -> Tensor: ...
+    def kernel_matrix(self) -> Tensor:
+        """``K = (1/N) [⟨P_n, P_m⟩_F]``, the ``N × N`` symmetric PSD kernel matrix."""
 
     def inner(self, act: Tensor, grad: Tensor) -> Tensor:
         """``⟨F, A_j ⊗ G_j⟩``, the means of :meth:`quadratic_forms` over the samples, shape (r,)."""
@@ -164,10 +178,12 @@ class RankOneBlock(Block):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of ``a`` and ``g``."""
         return self.a.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of ``a`` and ``g``."""
         return self.a.device
 
     @abstractmethod

@@ -55,14 +55,17 @@ class KronSum:
 
     @property
     def d_act(self) -> int:
+        """``m``, the size of the activation-side factors ``A_j``."""
         return self.act.shape[1]
 
     @property
     def d_grad(self) -> int:
+        """``n``, the size of the gradient-side factors ``G_j``."""
         return self.grad.shape[1]
 
     @property
     def p(self) -> int:
+        """Size of the operator, ``m n``."""
         return self.d_act * self.d_grad
 
     @property
@@ -71,6 +74,7 @@ class KronSum:
         return list(zip(self.act, self.grad))
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> KronSum:
+        """The same sum with its factors in ``dtype`` on ``device`` (None keeps the current one)."""
         return KronSum(self.act.to(device=device, dtype=dtype), self.grad.to(device=device, dtype=dtype))
 
     def __add__(self, other: KronSum) -> KronSum:
@@ -112,6 +116,7 @@ class KronSum:
         return (ga * gg).sum()
 
     def frobenius_norm(self) -> Tensor:
+        """``‖F̂‖_F = √⟨F̂, F̂⟩_F`` (:meth:`inner`) as a 0-d tensor."""
         return self.inner(self).clamp_min(0).sqrt()
 
     # -- spectrum ------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class ExactReference:
 
     @cached_property
     def eigenvalues(self) -> Tensor:
+        """The top ``min(N, p)`` eigenvalues of ``F``, descending, computed once."""
         return self.stats.eigenvalues()
 
     def error1(self, approx: KronSum) -> float:

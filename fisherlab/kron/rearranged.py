@@ -98,6 +98,7 @@ class FactorSpan:
 
     @property
     def dim(self) -> int:
+        """``k``, the dimension of the span (the columns of ``basis``)."""
         return self.basis.shape[1]
 
     def inner(self, mats: Tensor) -> Tensor:
@@ -226,9 +227,11 @@ class Rearranged:
         return type(self)(self.block, torch.cat([self.act, left]), torch.cat([self.grad, right]), self.factors)
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``Z(F) vec(V) − Σ_j ⟨G_j, V⟩ A_j`` for ``V`` of shape (..., n, n), returned as (..., m, m)."""
         return _minus_terms(self.block.z_matvec(v), self.act, self.grad, v)
 
     def rmatvec(self, u: Tensor) -> Tensor:
+        """``Z(F)ᵀ vec(U) − Σ_j ⟨A_j, U⟩ G_j`` for ``U`` of shape (..., m, m), returned as (..., n, n)."""
         return _minus_terms(self.block.z_rmatvec(u), self.grad, self.act, u)
 
     def left_of(self, mats: Tensor) -> Tensor:
@@ -236,6 +239,7 @@ class Rearranged:
         return mats
 
     def right_of(self, mats: Tensor) -> Tensor:
+        """Right vectors for gradient-side matrices (r, n, n): the matrices themselves."""
         return mats
 
     def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,19 +271,23 @@ class SpanRearranged:
 
     @classmethod
     def of(cls, block) -> SpanRearranged:
+        """The operator of a rank-one ``block``, nothing subtracted: core ``C = P_aᵀ Z P_g = (D_aᵀ P_a)ᵀ W (D_gᵀ P_g)``."""
         f: ZFactors = block.rearranged_factors()
         span_act, span_grad = FactorSpan(f.act_samples, f.act_extra), FactorSpan(f.grad_samples, f.grad_extra)
         core = (span_act.column_coords.T * f.weights.double()) @ span_grad.column_coords
         return cls(span_act, span_grad, core, f)
 
     def minus(self, left: Tensor, right: Tensor) -> SpanRearranged:
+        """This operator with the terms ``l_j r_jᵀ`` removed too (stacked coordinates (t, k, 1))."""
         return SpanRearranged(self.span_act, self.span_grad, self.core, self.factors,
                               torch.cat([self.left, left]), torch.cat([self.right, right]))
 
     def matvec(self, v: Tensor) -> Tensor:
+        """``C v − Σ_j ⟨r_j, v⟩ l_j`` for gradient-side coordinates ``v`` (..., k_g, 1)."""
         return _minus_terms(self.core @ v, self.left, self.right, v)
 
     def rmatvec(self, u: Tensor) -> Tensor:
+        """``Cᵀ u − Σ_j ⟨l_j, u⟩ r_j`` for activation-side coordinates ``u`` (..., k_a, 1)."""
         return _minus_terms(self.core.T @ u, self.right, self.left, u)
 
     def left_of(self, mats: Tensor) -> Tensor:
@@ -287,6 +295,7 @@ class SpanRearranged:
         return self.span_act.coords(mats)[..., None]
 
     def right_of(self, mats: Tensor) -> Tensor:
+        """Coordinates (r, k, 1) of gradient-side matrices (r, n, n), projected onto the span."""
         return self.span_grad.coords(mats)[..., None]
 
     def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:

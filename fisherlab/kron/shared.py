@@ -194,10 +194,12 @@ class SharedBlock(SampleBlock):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the block's tensors (that of its KFAC factors)."""
         return self._pairs[self.kfac_form][0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the block's tensors (that of its KFAC factors)."""
         return self._pairs[self.kfac_form][0].device
 
     @property
@@ -442,9 +444,11 @@ class SharedRearranged(Rearranged):
     """
 
     def matvec(self, v: Tensor) -> Tensor:
+        """:meth:`Rearranged.matvec` between symmetric parts: ``sym(Z vec(sym V) − Σ_j ⟨G_j, sym V⟩ A_j)``."""
         return _sym(super().matvec(_sym(v)))
 
     def rmatvec(self, u: Tensor) -> Tensor:
+        """:meth:`Rearranged.rmatvec` between symmetric parts: ``sym(Zᵀ vec(sym U) − Σ_j ⟨A_j, sym U⟩ G_j)``."""
         return _sym(super().rmatvec(_sym(u)))
 
     def vectors_of(self, coef: Tensor) -> tuple[Tensor, Tensor]:

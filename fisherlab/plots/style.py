@@ -57,6 +57,7 @@ def color(name: str) -> str | None:
 
 
 def marker(name: str) -> str:
+    """Fixed marker of a method (``""``, no marker, for unknown names)."""
     return MARKERS.get(name, "")
 
 
