@@ -47,7 +47,37 @@ _EXPORTS = {
     "UserInputError": "fisherlab.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "Block",
+    "BlockStats",
+    "SharedBlock",
+    "KronSum",
+    "METHODS",
+    "fit",
+    "kronecker_svd",
+    "ExactReference",
+    "error1",
+    "error2",
+    "damped_inverse",
+    "FisherProbe",
+    "BlockCapture",
+    "get_likelihood",
+    "record",
+    "RunReader",
+    "RunWriter",
+    "analyze",
+    "load_results",
+    "study",
+    "Loop",
+    "train",
+    "build_optimizer",
+    "KroneckerPreconditioner",
+    "NaturalGradient",
+    "get_problem",
+    "load_dataset",
+    "UserInputError",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
     from fisherlab.analysis import analyze, load_results

@@ -11,6 +11,10 @@ import fisherlab
 from fisherlab.cli import COMMANDS, main
 
 
+def test_all_lists_exactly_the_exports():
+    assert set(fisherlab.__all__) == {"__version__", *fisherlab._EXPORTS}
+
+
 @pytest.mark.parametrize("name", fisherlab.__all__)
 def test_every_public_name_resolves(name):
     assert getattr(fisherlab, name) is not None
