@@ -135,8 +135,8 @@ def test_one_step_equals_the_dense_damped_natural_gradient(method, rank):
 
 
 @pytest.mark.parametrize("method", list(PRESETS))
-def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
-    # ν = min(1, sqrt(c / Σ_l η² ⟨Δ_l, ∇_l⟩)); choose c = q/4 so that ν = 1/2.
+def test_kl_clipping_scales_the_step_as_ba_et_al(method):
+    # Ba et al. (2017): ν = min(1, sqrt(c / Σ_l η² ⟨Δ_l, ∇_l⟩)); choose c = q/4 so that ν = 1/2.
     x = _data()
     model = PROBLEM.build_model(seed=2, dtype=torch.float64)
     reference = copy.deepcopy(model)
@@ -149,16 +149,71 @@ def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
     for layer, ref in zip(layers, ref_layers):
         delta = (weight_from_linear(layer.weight, layer.bias) - weight_from_linear(ref.weight, ref.bias)).detach() / lr
         q += lr**2 * float((delta * weight_from_linear(ref.weight.grad, ref.bias.grad)).sum())
-    clipped = _exact(model, method, kl_clip=q / 4)
+    clipped = _exact(model, method, kl_clip=q / 4, kl_form="ba")
     w0 = [weight_from_linear(m.weight, m.bias).detach().clone() for m in layers]
     clipped.step(_closure(clipped, model, x))
     assert clipped.diagnostics.kl_scale == pytest.approx(0.5, rel=1e-12)
     for layer, ref, start in zip(layers, ref_layers, w0):
         half = start + 0.5 * (weight_from_linear(ref.weight, ref.bias).detach() - start)
         torch.testing.assert_close(weight_from_linear(layer.weight, layer.bias).detach(), half, rtol=0, atol=1e-12)
-    loose = _exact(copy.deepcopy(reference), method, kl_clip=1e6)
+    loose = _exact(copy.deepcopy(reference), method, kl_clip=1e6, kl_form="ba")
     loose.step(_closure(loose, loose.model, x))
     assert loose.diagnostics.kl_scale == 1.0
+
+
+def _kl_by_hand(method, kl_clip, kl_form, lr):
+    """ν and the clipped step of one step of ``method``, against ν computed by hand from the
+    unclipped step: Δ_l and ∇_l per layer, then the paper's or Ba et al.'s formula."""
+    x = _data()
+    model = PROBLEM.build_model(seed=2, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    free = _exact(reference, method, lr=lr)
+    w0 = [weight_from_linear(m.weight, m.bias).detach().clone() for m in model if isinstance(m, nn.Linear)]
+    free.step(_closure(free, reference, x))
+    ref_layers = [m for m in reference.modules() if isinstance(m, nn.Linear)]
+    inner = []
+    for start, ref in zip(w0, ref_layers):
+        delta = (start - weight_from_linear(ref.weight, ref.bias).detach()) / lr
+        inner.append(float((delta * weight_from_linear(ref.weight.grad, ref.bias.grad)).sum()))
+    if kl_form == "paper":
+        q = sum(abs(v) for v in inner)
+    else:
+        q = sum(lr**2 * v for v in inner)
+    expected = min(1.0, math.sqrt(kl_clip / q))
+    clipped = _exact(model, method, lr=lr, kl_clip=kl_clip, kl_form=kl_form)
+    clipped.step(_closure(clipped, model, x))
+    assert clipped.diagnostics.kl_scale == pytest.approx(expected, rel=1e-12)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer, ref, start in zip(layers, ref_layers, w0):
+        want = start + expected * (weight_from_linear(ref.weight, ref.bias).detach() - start)
+        torch.testing.assert_close(weight_from_linear(layer.weight, layer.bias).detach(), want, rtol=0, atol=1e-12)
+    return expected, [start - weight_from_linear(m.weight, m.bias).detach() for m, start in zip(layers, w0)]
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
+    # The paper: ν = min(1, sqrt(c / Σ_l |⟨Δ_l, ∇_l⟩|)), no learning rate inside.
+    nu, steps = _kl_by_hand(method, 1e-4, "paper", lr=0.5)
+    assert nu < 0.5
+    # The learning rate still scales a clipped step: ν does not depend on it.
+    nu_small, small = _kl_by_hand(method, 1e-4, "paper", lr=0.05)
+    assert nu_small == pytest.approx(nu, rel=1e-12)
+    for big, little in zip(steps, small):
+        torch.testing.assert_close(little, big / 10, rtol=1e-9, atol=1e-14)
+    # Ba et al.'s form with the same c differs on the same step, and there η cancels.
+    nu_ba, ba_steps = _kl_by_hand(method, 1e-4, "ba", lr=0.5)
+    assert nu_ba == pytest.approx(nu / 0.5, rel=1e-9)
+    _, ba_small = _kl_by_hand(method, 1e-4, "ba", lr=0.05)
+    for big, little in zip(ba_steps, ba_small):
+        torch.testing.assert_close(little, big, rtol=1e-9, atol=1e-14)
+
+
+def test_paper_presets_and_profiles_default_to_the_paper_kl_form():
+    model = SMALL.build_model()
+    assert all(p["kl_form"] == "paper" for p in PRESETS.values())
+    assert NaturalGradient.from_preset("kfac", model, SMALL).config.kl_form == "paper"
+    assert NaturalGradient(model, SMALL).config.kl_form == "paper"
+    assert NaturalGradient(model, SMALL, kl_form="ba", lr=0.1).config.kl_form == "ba"
 
 
 # -- the contract, every optimizer through the same checks (optax style) ---------------------
@@ -505,7 +560,7 @@ def test_preconditioner_with_adam_trains_and_its_state_dict_resumes_bit_for_bit(
         _pre(SMALL.build_model(), "kfac").load_state_dict(saved["pre"])
 
 
-@pytest.mark.parametrize("kw,word", [({"damping": 0}, "damping"), ({"lr": None}, "kl_clip needs"), ({"lr": -1}, "lr")])
+@pytest.mark.parametrize("kw,word", [({"damping": 0}, "damping"), ({"lr": None, "kl_form": "ba"}, "kl_clip needs"), ({"lr": -1}, "lr")])
 def test_preconditioner_rejects_bad_settings(kw, word):
     with pytest.raises(ValueError, match=word):
         _pre(SMALL.build_model(), "kfac", **kw)
