@@ -68,8 +68,9 @@ class NaturalGradient(torch.optim.Optimizer):
 
     with learning rate η (``lr``), Tikhonov damping λ (``damping``), KL-clipping constant c
     (``kl_clip``; appendix E of the paper; ``kl_form="ba"`` puts η² inside the sum as Ba et
-    al. 2017 §5 do), momentum μ and weight decay ω (both 0 in the paper). ``(F̂_l + λ)`` is damped as in :mod:`fisherlab.kron.solve`: the
-    π-scaled damping goes on the first (KFAC or KPSVD) term,
+    al. 2017 §5 do), momentum μ and weight decay ω (both 0 in the paper). ``(F̂_l + λ)`` is
+    damped as in :mod:`fisherlab.kron.solve`: the π-scaled damping goes on the first (KFAC or
+    KPSVD) term,
     ``(A_1 + π√λ I) ⊗ (G_1 + √λ/π I)`` with ``π = √((tr A_1/m)/(tr G_1/n))`` (§2.2); a second
     term ``A_2 ⊗ G_2`` is added undamped and solved in closed form (§3.4), with the core's
     remedy for an indefinite correction (``indefinite="clip_indefinite"``: where some
@@ -79,8 +80,9 @@ class NaturalGradient(torch.optim.Optimizer):
     **Statistics.** Every ``T₁`` steps (``t_stats``) one extra backward pass with ``k``
     targets per input drawn from the model's predictive distribution (``mc_samples``) gives
     each layer's mini-batch block ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (docs/design.md §2), and the
-    approximation is refitted; every ``T₂`` steps (``t_inv``) the damped inverses are
-    recomputed. The ``k``-th statistics update averages with weight
+    approximation is refitted (``stats_batch = B'``: from the first B' rows of the batch only,
+    by a second forward pass on them; the gradient stays the whole batch's); every ``T₂``
+    steps (``t_inv``) the damped inverses are recomputed. The ``k``-th statistics update averages with weight
     ``ρ_k = min(1 − 1/k, α)`` on the past (``decay`` = α), in one of two ways:
 
     - ``average="block"`` (default): fit the approximation to the running estimate of the

@@ -174,7 +174,7 @@ def _kl_by_hand(method, kl_clip, kl_form, lr):
     free.step(_closure(free, reference, x))
     ref_layers = [m for m in reference.modules() if isinstance(m, nn.Linear)]
     inner = []
-    for start, ref in zip(w0, ref_layers):
+    for start, ref in zip(w0, ref_layers, strict=True):
         delta = (start - weight_from_linear(ref.weight, ref.bias).detach()) / lr
         inner.append(float((delta * weight_from_linear(ref.weight.grad, ref.bias.grad)).sum()))
     if kl_form == "paper":
@@ -186,10 +186,10 @@ def _kl_by_hand(method, kl_clip, kl_form, lr):
     clipped.step(_closure(clipped, model, x))
     assert clipped.diagnostics.kl_scale == pytest.approx(expected, rel=1e-12)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    for layer, ref, start in zip(layers, ref_layers, w0):
+    for layer, ref, start in zip(layers, ref_layers, w0, strict=True):
         want = start + expected * (weight_from_linear(ref.weight, ref.bias).detach() - start)
         torch.testing.assert_close(weight_from_linear(layer.weight, layer.bias).detach(), want, rtol=0, atol=1e-12)
-    return expected, [start - weight_from_linear(m.weight, m.bias).detach() for m, start in zip(layers, w0)]
+    return expected, [start - weight_from_linear(m.weight, m.bias).detach() for m, start in zip(layers, w0, strict=True)]
 
 
 @pytest.mark.parametrize("method", list(PRESETS))
@@ -200,13 +200,13 @@ def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
     # The learning rate still scales a clipped step: ν does not depend on it.
     nu_small, small = _kl_by_hand(method, 1e-4, "paper", lr=0.05)
     assert nu_small == pytest.approx(nu, rel=1e-12)
-    for big, little in zip(steps, small):
+    for big, little in zip(steps, small, strict=True):
         torch.testing.assert_close(little, big / 10, rtol=1e-9, atol=1e-14)
     # Ba et al.'s form with the same c differs on the same step, and there η cancels.
     nu_ba, ba_steps = _kl_by_hand(method, 1e-4, "ba", lr=0.5)
     assert nu_ba == pytest.approx(nu / 0.5, rel=1e-9)
     _, ba_small = _kl_by_hand(method, 1e-4, "ba", lr=0.05)
-    for big, little in zip(ba_steps, ba_small):
+    for big, little in zip(ba_steps, ba_small, strict=True):
         torch.testing.assert_close(little, big, rtol=1e-9, atol=1e-14)
 
 
@@ -562,7 +562,9 @@ def test_preconditioner_with_adam_trains_and_its_state_dict_resumes_bit_for_bit(
         _pre(SMALL.build_model(), "kfac").load_state_dict(saved["pre"])
 
 
-@pytest.mark.parametrize("kw,word", [({"damping": 0}, "damping"), ({"lr": None, "kl_form": "ba"}, "kl_clip needs"), ({"lr": -1}, "lr")])
+@pytest.mark.parametrize(
+    "kw,word", [({"damping": 0}, "damping"), ({"lr": None, "kl_form": "ba"}, "kl_clip needs"), ({"lr": -1}, "lr")]
+)
 def test_preconditioner_rejects_bad_settings(kw, word):
     with pytest.raises(ValueError, match=word):
         _pre(SMALL.build_model(), "kfac", **kw)
@@ -626,7 +628,7 @@ def test_clip_indefinite_leaves_positive_definite_layers_alone_in_the_optimizer(
         opt.step(_closure(opt, model, x, SMALL))
         ref.step(_closure(ref, twin, x, SMALL))
     assert opt.diagnostics.remedy_layers_total == 0 and opt.diagnostics.clipped_curvatures_total == 0
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 def _curvature_state(pre):
@@ -644,7 +646,7 @@ def test_stats_batch_of_the_whole_batch_changes_nothing(method):
         _run(opt, model, batches)
         runs.append([p.detach().clone() for p in model.parameters()])
     for other in runs[1:]:
-        assert all(torch.equal(p, q) for p, q in zip(runs[0], other))
+        assert all(torch.equal(p, q) for p, q in zip(runs[0], other, strict=True))
 
 
 def _model_closure(model, x):
