@@ -26,18 +26,30 @@ from torch import Tensor, nn
 from fisherlab.kron import METHODS
 from fisherlab.precondition import (
     AVERAGES,
+    KL_FORMS,
     Config,
     Diagnostics,
     KroneckerPreconditioner,
     Likelihood,
 )
 
-__all__ = ["AVERAGES", "PRESETS", "Config", "Diagnostics", "NaturalGradient"]
+__all__ = ["AVERAGES", "KL_FORMS", "PRESETS", "PROFILES", "Config", "Diagnostics", "NaturalGradient"]
 
 #: The paper's five optimizers: name -> method and rank (the registry's methods with
 #: ``optimizer_options``, at their default rank).
 PRESETS = {
-    name: {"method": name, "rank": m.default_rank} for name, m in METHODS.items() if m.optimizer_options is not None
+    name: {"method": name, "rank": m.default_rank, "kl_form": "paper"}
+    for name, m in METHODS.items()
+    if m.optimizer_options is not None
+}
+
+#: Settings that differ between the paper's optimizer and ours, by profile:
+#: ``"paper"`` is the paper's (appendix E KL clip, each factor averaged); ``"fisherlab"``
+#: averages the block and refits (closer to the exact running block;
+#: benchmarks/results/averaging.md), with the same KL clip, so the two share a grid.
+PROFILES = {
+    "paper": {"kl_form": "paper", "average": "factors"},
+    "fisherlab": {"kl_form": "paper", "average": "block"},
 }
 
 
@@ -49,25 +61,28 @@ class NaturalGradient(torch.optim.Optimizer):
 
     .. math::
         Δ_l = (\hat F_l + λ)^{-1} ∇_l,\qquad
-        ν = \min\Bigl(1, \sqrt{c \,/\, \textstyle\sum_l η^2 ⟨Δ_l, ∇_l⟩}\Bigr),
+        ν = \min\Bigl(1, \sqrt{c \,/\, \textstyle\sum_l |⟨Δ_l, ∇_l⟩|}\Bigr),
 
     .. math::
         v_l ← μ v_l + ν Δ_l + ω W_l,\qquad W_l ← W_l − η v_l,
 
     with learning rate η (``lr``), Tikhonov damping λ (``damping``), KL-clipping constant c
-    (``kl_clip``; appendix E of the paper, Ba et al. 2017 §5), momentum μ and weight decay ω
-    (both 0 in the paper). ``(F̂_l + λ)`` is damped as in :mod:`fisherlab.kron.solve`: the
-    π-scaled damping goes on the first (KFAC or KPSVD) term,
+    (``kl_clip``; appendix E of the paper; ``kl_form="ba"`` puts η² inside the sum as Ba et
+    al. 2017 §5 do), momentum μ and weight decay ω (both 0 in the paper). ``(F̂_l + λ)`` is
+    damped as in :mod:`fisherlab.kron.solve`: the π-scaled damping goes on the first (KFAC or
+    KPSVD) term,
     ``(A_1 + π√λ I) ⊗ (G_1 + √λ/π I)`` with ``π = √((tr A_1/m)/(tr G_1/n))`` (§2.2); a second
     term ``A_2 ⊗ G_2`` is added undamped and solved in closed form (§3.4), with the core's
-    remedy for an indefinite correction (``indefinite="clip"``: curvatures ``1 + s₁s₂`` below
-    ``floor`` are raised to ``floor``; absolute values are never taken).
+    remedy for an indefinite correction (``indefinite="clip_indefinite"``: where some
+    curvature ``1 + s₁s₂`` is ≤ 0, those below ``floor`` are raised to ``floor``; a
+    positive-definite sum is solved exactly; absolute values are never taken).
 
     **Statistics.** Every ``T₁`` steps (``t_stats``) one extra backward pass with ``k``
     targets per input drawn from the model's predictive distribution (``mc_samples``) gives
     each layer's mini-batch block ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (docs/design.md §2), and the
-    approximation is refitted; every ``T₂`` steps (``t_inv``) the damped inverses are
-    recomputed. The ``k``-th statistics update averages with weight
+    approximation is refitted (``stats_batch = B'``: from the first B' rows of the batch only,
+    by a second forward pass on them; the gradient stays the whole batch's); every ``T₂``
+    steps (``t_inv``) the damped inverses are recomputed. The ``k``-th statistics update averages with weight
     ``ρ_k = min(1 − 1/k, α)`` on the past (``decay`` = α), in one of two ways:
 
     - ``average="block"`` (default): fit the approximation to the running estimate of the
@@ -124,15 +139,21 @@ class NaturalGradient(torch.optim.Optimizer):
         momentum: μ in [0, 1).
         weight_decay: ω ≥ 0.
         kl_clip: c > 0, or None for no clipping.
+        kl_form: ``"paper"`` or ``"ba"`` (:data:`KL_FORMS`).
         decay: α in [0, 1) (0: no moving average).
         t_stats: T₁ ≥ 1.
         t_inv: T₂ ≥ 1.
         mc_samples: k ≥ 1 targets per input.
         average: ``"block"`` or ``"factors"``.
-        indefinite: remedy for an indefinite two-term sum (``clip``, ``drop``, ``raise``).
-        floor: smallest curvature kept by ``indefinite="clip"``, in (0, 1].
+        indefinite: remedy for an indefinite two-term sum (``clip_indefinite``, ``clip``,
+            ``drop``, ``raise``; :mod:`fisherlab.kron.solve`).
+        floor: smallest curvature kept by the ``clip`` remedies, in (0, 1].
         fit_options: options of the fitter (``tol``, ``max_iter``, ``krylov_dim`` ...),
             over the method's ``optimizer_options``.
+        fit_tol: tolerance of the iterative fits (``fit_options["tol"]``), separate from
+            the analysis's; None keeps the method's ``optimizer_options``.
+        stats_batch: statistics from the first B' rows of each batch (the authors' code
+            uses B/4); None: the whole batch.
         seed: seed of the generator that draws the Monte-Carlo targets.
 
     Raises:
@@ -162,10 +183,13 @@ class NaturalGradient(torch.optim.Optimizer):
         t_inv: int = 100,  # T₂
         mc_samples: int = 1,  # k
         average: str = "block",
-        indefinite: str = "clip",
+        indefinite: str = "clip_indefinite",
         floor: float = 0.1,
         fit_options: dict | None = None,
         seed: int = 0,
+        kl_form: str = "paper",
+        fit_tol: float | None = None,
+        stats_batch: int | None = None,
     ):
         _check_group(lr, damping, momentum, weight_decay)
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay}
@@ -192,6 +216,9 @@ class NaturalGradient(torch.optim.Optimizer):
             floor=floor,
             fit_options=fit_options,
             seed=seed,
+            kl_form=kl_form,
+            fit_tol=fit_tol,
+            stats_batch=stats_batch,
         )
         self.layers = self.preconditioner.layers
         # Groups are remembered by position: load_state_dict replaces the group dicts.
@@ -212,11 +239,16 @@ class NaturalGradient(torch.optim.Optimizer):
         return self.preconditioner.diagnostics
 
     @classmethod
-    def from_preset(cls, name: str, model: nn.Module, likelihood: Likelihood, **settings) -> NaturalGradient:
-        """The optimizer named ``name`` in :data:`PRESETS`, with any other setting overridden."""
+    def from_preset(
+        cls, name: str, model: nn.Module, likelihood: Likelihood, *, profile: str = "fisherlab", **settings
+    ) -> NaturalGradient:
+        """The optimizer named ``name`` in :data:`PRESETS` with the settings of ``profile``
+        (:data:`PROFILES`), any setting given overriding both."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(model, likelihood, **{**PRESETS[name], **settings})
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+        return cls(model, likelihood, **{**PRESETS[name], **PROFILES[profile], **settings})
 
     def _group(self, index: int) -> dict:
         return self.param_groups[self._layer_group[index]]

@@ -37,15 +37,21 @@ def build_optimizer(
     t2: int = 100,
     momentum: float | None = None,
     weight_decay: float = 0.0,
-    average: str = "block",
+    average: str | None = None,
     mc_samples: int = 1,
     seed: int = 0,
     fit_options: dict | None = None,
+    profile: str = "fisherlab",
+    kl_form: str | None = None,
+    stats_batch: int | None = None,
+    fit_tol: float | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (one of :func:`optimizer_names`) over all of ``model``'s parameters.
 
-    ``damping``, ``clip`` (KL-clipping c, None for none), ``t1``, ``t2``, ``average``,
-    ``mc_samples`` and ``fit_options`` apply to the natural-gradient optimizers only.
+    ``damping``, ``clip`` (KL-clipping c, None for none), ``t1``, ``t2``, ``mc_samples``,
+    ``fit_options``, ``stats_batch``, ``fit_tol`` and the profile (``profile``, a name of
+    :data:`fisherlab.optim.PROFILES`, whose ``average`` and ``kl_form`` these two override
+    where given) apply to the natural-gradient optimizers only.
     ``momentum`` defaults to 0.9 for SGD and 0 for the natural-gradient optimizers (the
     paper's settings); Adam uses betas (0.9, 0.999).
 
@@ -61,10 +67,15 @@ def build_optimizer(
         from fisherlab.optim import PRESETS, NaturalGradient
 
         if name in PRESETS:
+            chosen = {k: v for k, v in (("average", average), ("kl_form", kl_form)) if v is not None}
             return NaturalGradient.from_preset(
                 name,
                 model,
                 problem,
+                profile=profile,
+                **chosen,
+                stats_batch=stats_batch,
+                fit_tol=fit_tol,
                 lr=lr,
                 damping=damping,
                 kl_clip=clip,
@@ -72,7 +83,6 @@ def build_optimizer(
                 t_inv=t2,
                 momentum=0.0 if momentum is None else momentum,
                 weight_decay=weight_decay,
-                average=average,
                 mc_samples=mc_samples,
                 fit_options=fit_options,
                 seed=seed,

@@ -36,7 +36,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from fisherlab.kron import BlockStats, FitInfo, FitResult, KronSum, fit, validate
+from fisherlab.kron import METHODS, BlockStats, FitInfo, FitResult, KronSum, fit, validate
 from fisherlab.kron.averaged import AveragedBlock, average_terms
 from fisherlab.kron.layout import weight_from_linear
 from fisherlab.kron.solve import INDEFINITE_REMEDIES, DampedInverse, damped_inverse
@@ -44,6 +44,8 @@ from fisherlab.probe import FisherProbe
 
 #: How statistics are averaged over time (see :class:`fisherlab.optim.NaturalGradient`).
 AVERAGES = ("block", "factors")
+#: Forms of the KL clip: the paper's (appendix E, without the learning rate) and Ba et al.'s.
+KL_FORMS = ("paper", "ba")
 
 #: A setting given per layer: one value, or a function of the 1-based layer index.
 PerLayer = float | Callable[[int], float]
@@ -72,6 +74,8 @@ class Config:
     indefinite: str
     floor: float
     fit_options: dict = field(default_factory=dict)
+    kl_form: str = "paper"
+    stats_batch: int | None = None
 
 
 @dataclass
@@ -90,6 +94,9 @@ class Diagnostics:
             None, so the optimizer leaves them alone.
         clipped_curvatures: curvatures raised to ``floor`` by the indefinite remedy, summed
             over layers at the last inverse update.
+        remedy_layers: layers whose curvatures the remedy changed at the last inverse update.
+        clipped_curvatures_total, remedy_layers_total: the same two, summed over all inverse
+            updates.
         unconverged_fits: iterative fits that stopped at their iteration limit.
         fit_iterations: products with ``Z(F)`` over all fits.
         kl_scale: the KL-clipping factor ν of the last step.
@@ -105,6 +112,9 @@ class Diagnostics:
     gradient_fallbacks: int = 0
     skipped_updates: int = 0
     clipped_curvatures: int = 0
+    remedy_layers: int = 0
+    clipped_curvatures_total: int = 0
+    remedy_layers_total: int = 0
     unconverged_fits: int = 0
     fit_iterations: int = 0
     kl_scale: float = 1.0
@@ -143,11 +153,13 @@ class KroneckerPreconditioner:
 
     .. math::
         ν Δ_l,\qquad Δ_l = (\hat F_l + λ)^{-1} ∇_l,\qquad
-        ν = \min\Bigl(1, \sqrt{c \,/\, \textstyle\sum_l η_l^2 ⟨Δ_l, ∇_l⟩}\Bigr),
+        ν = \min\Bigl(1, \sqrt{c \,/\, \textstyle\sum_l |⟨Δ_l, ∇_l⟩|}\Bigr),
 
-    with Tikhonov damping λ (``damping``), KL-clipping constant c (``kl_clip``; appendix E
-    of the paper, Ba et al. 2017 §5) and the learning rate η (``lr``) of the step that
-    follows. The damping, the statistics schedule (T₁ = ``t_stats``, T₂ = ``t_inv``), the
+    with Tikhonov damping λ (``damping``) and KL-clipping constant c (``kl_clip``; appendix
+    E of the paper). ``kl_form="ba"`` is Ba et al.'s form (2017, §5) instead,
+    ``ν = min(1, √(c / Σ_l η_l² ⟨Δ_l, ∇_l⟩))`` with the learning rate η (``lr``) of the
+    step that follows: while it clips, the step ``η ν Δ`` is ``√(c/Σ⟨Δ, ∇⟩) Δ`` whatever η.
+    The damping, the statistics schedule (T₁ = ``t_stats``, T₂ = ``t_inv``), the
     moving averages and the fallbacks are those documented in
     :class:`fisherlab.optim.NaturalGradient`, which is this preconditioner followed by its
     update rule. Other parameters' gradients are left as they are.
@@ -168,16 +180,24 @@ class KroneckerPreconditioner:
         damping: λ > 0, or a function of the layer index giving it.
         lr: η of the optimizer's step (or a function of the layer index, read at every
             step, e.g. ``lambda i: opt.param_groups[0]["lr"]`` under a scheduler); needed
-            for the KL clip only.
+            for ``kl_form="ba"`` only.
         kl_clip: c > 0, or None for no clipping.
+        kl_form: ``"paper"`` (appendix E of the paper) or ``"ba"`` (Ba et al. 2017).
         decay: α in [0, 1) (0: no moving average).
         t_stats: T₁ ≥ 1.
         t_inv: T₂ ≥ 1.
         mc_samples: k ≥ 1 targets per input.
         average: ``"block"`` or ``"factors"``.
-        indefinite: remedy for an indefinite two-term sum (``clip``, ``drop``, ``raise``).
-        floor: smallest curvature kept by ``indefinite="clip"``, in (0, 1].
+        indefinite: remedy for an indefinite two-term sum (``clip_indefinite``, ``clip``,
+            ``drop``, ``raise``; :mod:`fisherlab.kron.solve`).
+        floor: smallest curvature kept by the ``clip`` remedies, in (0, 1].
         fit_options: options of the fitter, over the method's ``optimizer_options``.
+        fit_tol: tolerance of the iterative fits, over the method's ``optimizer_options``
+            (not the analysis's); None keeps the method's.
+        stats_batch: B' ≥ 1: the statistics come from the first B' rows of each batch, by
+            a second forward pass on them inside the closure's (the authors' code uses
+            B/4); None, or B' ≥ B, uses the whole batch. The model must treat rows
+            independently (no batch norm).
         seed: seed of the generator that draws the Monte-Carlo targets.
 
     Raises:
@@ -206,14 +226,23 @@ class KroneckerPreconditioner:
         t_inv: int = 100,  # T₂
         mc_samples: int = 1,  # k
         average: str = "block",
-        indefinite: str = "clip",
+        indefinite: str = "clip_indefinite",
         floor: float = 0.1,
         fit_options: dict | None = None,
         seed: int = 0,
+        kl_form: str = "paper",
+        fit_tol: float | None = None,
+        stats_batch: int | None = None,
     ):
+        fit_options = _with_tolerance(method, fit_options, fit_tol)
         _, rank, fit_options = validate(method, rank, fit_options, optimizer=True)
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip must be positive or None, got {kl_clip}")
+        if kl_form not in KL_FORMS:
+            raise ValueError(f"unknown kl_form {kl_form!r}; choose from {', '.join(KL_FORMS)}")
+        if stats_batch is not None and (not isinstance(stats_batch, int) or isinstance(stats_batch, bool)
+                                        or stats_batch < 1):
+            raise ValueError(f"stats_batch must be a positive integer or None, got {stats_batch!r}")
         if not 0 <= decay < 1:
             raise ValueError(f"decay (α) must lie in [0, 1), got {decay}")
         for name, value in (("t_stats", t_stats), ("t_inv", t_inv), ("mc_samples", mc_samples)):
@@ -230,12 +259,13 @@ class KroneckerPreconditioner:
                 raise TypeError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")
         if not callable(damping) and not damping > 0:
             raise ValueError(f"damping (λ) must be positive, got {damping}")
-        if kl_clip is not None and lr is None:
-            raise ValueError("kl_clip needs the learning rate lr of the step that follows")
+        if kl_clip is not None and kl_form == "ba" and lr is None:
+            raise ValueError("kl_clip needs the learning rate lr of the step that follows with kl_form='ba'")
         if lr is not None and not callable(lr) and not lr > 0:
             raise ValueError(f"lr (η) must be positive, got {lr}")
 
-        self.config = Config(method, rank, average, decay, t_stats, t_inv, kl_clip, mc_samples, indefinite, floor, fit_options)
+        self.config = Config(method, rank, average, decay, t_stats, t_inv, kl_clip, mc_samples, indefinite, floor,
+                             fit_options, kl_form, stats_batch)
         self.likelihood = likelihood
         self.model = model
         self.layers = find_layers(model, model.parameters() if params is None else params)
@@ -300,12 +330,22 @@ class KroneckerPreconditioner:
 
     def _closure_with_statistics(self, closure: Callable[[], Tensor]) -> tuple[Tensor, dict[int, BlockStats]]:
         captured: dict[int, BlockStats] = {}
+        rows = self.config.stats_batch
+        busy = []
         start = time.perf_counter()
         with FisherProbe(self.model, layers=self.layers) as probe:
 
             def capture(module: nn.Module, inputs, output: Tensor) -> None:
                 # The first forward pass with a graph is the training batch.
-                if not captured and output.requires_grad:
+                if not captured and not busy and output.requires_grad:
+                    if rows is not None and rows < output.shape[0]:
+                        # Its first rows again: the probe then holds their layer inputs and
+                        # outputs, while the closure's loss keeps the whole batch's graph.
+                        busy.append(True)
+                        try:
+                            output = module(*(x[:rows] if isinstance(x, Tensor) else x for x in inputs))
+                        finally:
+                            busy.clear()
                     captured.update(
                         probe.capture(
                             output,
@@ -393,7 +433,7 @@ class KroneckerPreconditioner:
     def _update_inverses(self) -> None:
         cfg = self.config
         start = time.perf_counter()
-        clipped = 0
+        clipped = remedied = 0
         for index in self.layers:
             state = self.state[index]
             candidates = [KronSum(state["approx_act"], state["approx_grad"])]
@@ -418,10 +458,14 @@ class KroneckerPreconditioner:
                 state["inv_denom"] = None  # no usable inverse: the plain gradient
                 continue
             clipped += inverse.clipped
+            remedied += inverse.clipped > 0
             # A 0-d denominator marks the Kronecker form G⁻¹ V A⁻¹ (a state dict holds tensors).
             denom = torch.ones(()) if inverse.denom is None else inverse.denom
             state["inv_left"], state["inv_right"], state["inv_denom"] = inverse.left, inverse.right, denom
         self.diagnostics.clipped_curvatures = clipped
+        self.diagnostics.remedy_layers = remedied
+        self.diagnostics.clipped_curvatures_total += clipped
+        self.diagnostics.remedy_layers_total += remedied
         self.diagnostics.inverse_updates += 1
         self.diagnostics.seconds_inverse += time.perf_counter() - start
 
@@ -472,7 +516,10 @@ class KroneckerPreconditioner:
                 directions[index] = grads[index]
         scale = 1.0
         if self.config.kl_clip is not None:
-            quadratic = float(sum((self._lr(i) ** 2 * (directions[i] * grads[i]).sum() for i in grads), 0.0))
+            if self.config.kl_form == "paper":
+                quadratic = float(sum(((directions[i] * grads[i]).sum().abs() for i in grads), 0.0))
+            else:
+                quadratic = float(sum((self._lr(i) ** 2 * (directions[i] * grads[i]).sum() for i in grads), 0.0))
             if quadratic > 0:
                 scale = min(1.0, math.sqrt(self.config.kl_clip / quadratic))
         self.diagnostics.kl_scale = scale
@@ -507,6 +554,25 @@ class KroneckerPreconditioner:
             self.state[index] = {key: _to(value, device) for key, value in state.items()}
         self.diagnostics = Diagnostics(**state_dict["diagnostics"])
         self._generator.set_state(state_dict["generator"].cpu())
+
+
+def _with_tolerance(method: str, fit_options: dict | None, fit_tol: float | None) -> dict | None:
+    """``fit_options`` with ``tol = fit_tol``.
+
+    Raises:
+        ValueError: if ``fit_tol`` is not a positive finite number, also set in
+            ``fit_options``, or given for a method without an iterative fit (kfac).
+    """
+    if fit_tol is None:
+        return fit_options
+    if isinstance(fit_tol, bool) or not isinstance(fit_tol, (int, float)) or not 0 < fit_tol < math.inf:
+        raise ValueError(f"fit_tol must be a positive number, got {fit_tol!r}")
+    if fit_options and "tol" in fit_options:
+        raise ValueError(f"give the fit tolerance once: fit_tol={fit_tol} and fit_options['tol']={fit_options['tol']}")
+    record = METHODS.get(method)
+    if record is not None and "tol" not in record.options:
+        raise ValueError(f"fit_tol does not apply to {method}, which has no iterative fit")
+    return {**(fit_options or {}), "tol": fit_tol}
 
 
 def _to(value, device: torch.device):

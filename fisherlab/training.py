@@ -142,8 +142,12 @@ def run_training(
     t2: int = 100,
     momentum: float | None = None,
     weight_decay: float = 0.0,
-    average: str = "block",
+    average: str | None = None,
     mc_samples: int = 1,
+    profile: str = "fisherlab",
+    kl_form: str | None = None,
+    stats_batch: int | None = None,
+    fit_tol: float | None = None,
     batch_size: int | None = None,
     train_subset: int | None = None,
     log_every: int = 0,
@@ -160,8 +164,8 @@ def run_training(
 
     Args:
         problem: ``curves``, ``mnist`` or ``faces``.
-        optimizer: a name of :data:`OPTIMIZERS`; ``lr`` … ``mc_samples`` go to
-            :func:`build_optimizer`.
+        optimizer: a name of :data:`OPTIMIZERS`; ``lr`` … ``fit_tol`` go to
+            :func:`build_optimizer` (``average`` and ``kl_form`` default to the profile's).
         out: the run directory (created if missing).
         epochs: passes over the training set.
         batch_size: default: the paper's for the problem.
@@ -192,6 +196,12 @@ def run_training(
         raise UserInputError(f"log_every must be nonnegative, got {log_every}")
     if force and resume:
         raise UserInputError("choose one of force (overwrite) and resume (continue)")
+    from fisherlab.optim import PROFILES
+
+    if profile not in PROFILES:
+        raise UserInputError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    average = PROFILES[profile]["average"] if average is None else average
+    kl_form = PROFILES[profile]["kl_form"] if kl_form is None else kl_form
     out = Path(out)
     if (out / HISTORY).exists() and not (force or resume):
         raise UserInputError(f"{out / HISTORY} exists; pass --force to overwrite it or --resume to continue it")
@@ -203,11 +213,14 @@ def run_training(
     train_data = train_data.to(device=dev, dtype=torch_dtype)
     val_data = dataset.val.to(device=dev, dtype=torch_dtype)
     batch_size = batch_size or prob.batch_size
+    if stats_batch is not None and stats_batch > batch_size:
+        raise UserInputError(f"the statistics batch {stats_batch} exceeds the batch size {batch_size}")
 
     settings = {
         "problem": prob.name, "optimizer": optimizer, "out": str(out), "epochs": epochs, "lr": lr,
         "damping": damping, "clip": clip, "t1": t1, "t2": t2, "momentum": momentum, "weight_decay": weight_decay,
-        "average": average, "mc_samples": mc_samples, "batch_size": batch_size, "train_subset": train_subset,
+        "average": average, "mc_samples": mc_samples, "profile": profile, "kl_form": kl_form,
+        "stats_batch": stats_batch, "fit_tol": fit_tol, "batch_size": batch_size, "train_subset": train_subset,
         "log_every": log_every, "seed": seed, "device": str(dev), "dtype": dtype,
         "data_dir": None if data_dir is None else str(data_dir),
         "cache_dir": None if cache_dir is None else str(cache_dir), "n_train": int(train_data.shape[0]),
@@ -222,7 +235,8 @@ def run_training(
     torch.manual_seed(seed)
     model = prob.build_model(seed=seed, dtype=torch_dtype, device=dev)
     opt = build_optimizer(optimizer, model, prob, lr=lr, damping=damping, clip=clip, t1=t1, t2=t2, momentum=momentum,
-                          weight_decay=weight_decay, average=average, mc_samples=mc_samples, seed=seed)
+                          weight_decay=weight_decay, average=average, mc_samples=mc_samples, seed=seed,
+                          profile=profile, kl_form=kl_form, stats_batch=stats_batch, fit_tol=fit_tol)
     out.mkdir(parents=True, exist_ok=True)
     (out / HISTORY).unlink(missing_ok=True)
     if force:

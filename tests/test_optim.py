@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -135,8 +137,8 @@ def test_one_step_equals_the_dense_damped_natural_gradient(method, rank):
 
 
 @pytest.mark.parametrize("method", list(PRESETS))
-def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
-    # ν = min(1, sqrt(c / Σ_l η² ⟨Δ_l, ∇_l⟩)); choose c = q/4 so that ν = 1/2.
+def test_kl_clipping_scales_the_step_as_ba_et_al(method):
+    # Ba et al. (2017): ν = min(1, sqrt(c / Σ_l η² ⟨Δ_l, ∇_l⟩)); choose c = q/4 so that ν = 1/2.
     x = _data()
     model = PROBLEM.build_model(seed=2, dtype=torch.float64)
     reference = copy.deepcopy(model)
@@ -149,16 +151,71 @@ def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
     for layer, ref in zip(layers, ref_layers):
         delta = (weight_from_linear(layer.weight, layer.bias) - weight_from_linear(ref.weight, ref.bias)).detach() / lr
         q += lr**2 * float((delta * weight_from_linear(ref.weight.grad, ref.bias.grad)).sum())
-    clipped = _exact(model, method, kl_clip=q / 4)
+    clipped = _exact(model, method, kl_clip=q / 4, kl_form="ba")
     w0 = [weight_from_linear(m.weight, m.bias).detach().clone() for m in layers]
     clipped.step(_closure(clipped, model, x))
     assert clipped.diagnostics.kl_scale == pytest.approx(0.5, rel=1e-12)
     for layer, ref, start in zip(layers, ref_layers, w0):
         half = start + 0.5 * (weight_from_linear(ref.weight, ref.bias).detach() - start)
         torch.testing.assert_close(weight_from_linear(layer.weight, layer.bias).detach(), half, rtol=0, atol=1e-12)
-    loose = _exact(copy.deepcopy(reference), method, kl_clip=1e6)
+    loose = _exact(copy.deepcopy(reference), method, kl_clip=1e6, kl_form="ba")
     loose.step(_closure(loose, loose.model, x))
     assert loose.diagnostics.kl_scale == 1.0
+
+
+def _kl_by_hand(method, kl_clip, kl_form, lr):
+    """ν and the clipped step of one step of ``method``, against ν computed by hand from the
+    unclipped step: Δ_l and ∇_l per layer, then the paper's or Ba et al.'s formula."""
+    x = _data()
+    model = PROBLEM.build_model(seed=2, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    free = _exact(reference, method, lr=lr)
+    w0 = [weight_from_linear(m.weight, m.bias).detach().clone() for m in model if isinstance(m, nn.Linear)]
+    free.step(_closure(free, reference, x))
+    ref_layers = [m for m in reference.modules() if isinstance(m, nn.Linear)]
+    inner = []
+    for start, ref in zip(w0, ref_layers, strict=True):
+        delta = (start - weight_from_linear(ref.weight, ref.bias).detach()) / lr
+        inner.append(float((delta * weight_from_linear(ref.weight.grad, ref.bias.grad)).sum()))
+    if kl_form == "paper":
+        q = sum(abs(v) for v in inner)
+    else:
+        q = sum(lr**2 * v for v in inner)
+    expected = min(1.0, math.sqrt(kl_clip / q))
+    clipped = _exact(model, method, lr=lr, kl_clip=kl_clip, kl_form=kl_form)
+    clipped.step(_closure(clipped, model, x))
+    assert clipped.diagnostics.kl_scale == pytest.approx(expected, rel=1e-12)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer, ref, start in zip(layers, ref_layers, w0, strict=True):
+        want = start + expected * (weight_from_linear(ref.weight, ref.bias).detach() - start)
+        torch.testing.assert_close(weight_from_linear(layer.weight, layer.bias).detach(), want, rtol=0, atol=1e-12)
+    return expected, [start - weight_from_linear(m.weight, m.bias).detach() for m, start in zip(layers, w0, strict=True)]
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_kl_clipping_scales_the_step_as_in_appendix_e(method):
+    # The paper: ν = min(1, sqrt(c / Σ_l |⟨Δ_l, ∇_l⟩|)), no learning rate inside.
+    nu, steps = _kl_by_hand(method, 1e-4, "paper", lr=0.5)
+    assert nu < 0.5
+    # The learning rate still scales a clipped step: ν does not depend on it.
+    nu_small, small = _kl_by_hand(method, 1e-4, "paper", lr=0.05)
+    assert nu_small == pytest.approx(nu, rel=1e-12)
+    for big, little in zip(steps, small, strict=True):
+        torch.testing.assert_close(little, big / 10, rtol=1e-9, atol=1e-14)
+    # Ba et al.'s form with the same c differs on the same step, and there η cancels.
+    nu_ba, ba_steps = _kl_by_hand(method, 1e-4, "ba", lr=0.5)
+    assert nu_ba == pytest.approx(nu / 0.5, rel=1e-9)
+    _, ba_small = _kl_by_hand(method, 1e-4, "ba", lr=0.05)
+    for big, little in zip(ba_steps, ba_small, strict=True):
+        torch.testing.assert_close(little, big, rtol=1e-9, atol=1e-14)
+
+
+def test_paper_presets_and_profiles_default_to_the_paper_kl_form():
+    model = SMALL.build_model()
+    assert all(p["kl_form"] == "paper" for p in PRESETS.values())
+    assert NaturalGradient.from_preset("kfac", model, SMALL).config.kl_form == "paper"
+    assert NaturalGradient(model, SMALL).config.kl_form == "paper"
+    assert NaturalGradient(model, SMALL, kl_form="ba", lr=0.1).config.kl_form == "ba"
 
 
 # -- the contract, every optimizer through the same checks (optax style) ---------------------
@@ -505,7 +562,155 @@ def test_preconditioner_with_adam_trains_and_its_state_dict_resumes_bit_for_bit(
         _pre(SMALL.build_model(), "kfac").load_state_dict(saved["pre"])
 
 
-@pytest.mark.parametrize("kw,word", [({"damping": 0}, "damping"), ({"lr": None}, "kl_clip needs"), ({"lr": -1}, "lr")])
+@pytest.mark.parametrize(
+    "kw,word", [({"damping": 0}, "damping"), ({"lr": None, "kl_form": "ba"}, "kl_clip needs"), ({"lr": -1}, "lr")]
+)
 def test_preconditioner_rejects_bad_settings(kw, word):
     with pytest.raises(ValueError, match=word):
         _pre(SMALL.build_model(), "kfac", **kw)
+
+
+# -- profiles, remedy counters, statistics batch, fit tolerance ------------------------------
+def test_profiles_set_exactly_the_kl_form_and_the_averaging():
+    from fisherlab.optim import PROFILES
+
+    model = SMALL.build_model()
+    base = asdict(NaturalGradient.from_preset("deflation", model, SMALL, lr=0.1).config)
+    for profile, settings in PROFILES.items():
+        config = asdict(NaturalGradient.from_preset("deflation", model, SMALL, lr=0.1, profile=profile).config)
+        assert {k for k in config if config[k] != base[k]} <= {"kl_form", "average"}
+        assert (config["kl_form"], config["average"]) == (settings["kl_form"], settings["average"])
+    assert PROFILES["paper"] == {"kl_form": "paper", "average": "factors"}
+    assert PROFILES["fisherlab"] == {"kl_form": "paper", "average": "block"}
+    assert NaturalGradient.from_preset("deflation", model, SMALL, profile="paper", average="block").config.average == "block"
+    with pytest.raises(ValueError, match="unknown profile 'ours'; choose from paper, fisherlab"):
+        NaturalGradient.from_preset("kfac", model, SMALL, profile="ours")
+
+
+@pytest.mark.parametrize("method", ["deflation", "lanczos", "kfac_corrected"])
+def test_remedy_counters_count_layers_and_curvatures_per_update(method, monkeypatch):
+    seen = []
+    original = precondition_module.damped_inverse
+
+    def spy(*args, **kwargs):
+        inverse = original(*args, **kwargs)
+        seen.append(inverse.clipped)
+        return inverse
+
+    monkeypatch.setattr(precondition_module, "damped_inverse", spy)
+    model = SMALL.build_model(seed=0)
+    opt = NaturalGradient(model, SMALL, method=method, lr=0.1, damping=1e-9, kl_clip=1e-2, t_stats=1, t_inv=2)
+    total_layers = total_curvatures = 0
+    for x in _batches(8):
+        seen.clear()
+        updates = opt.diagnostics.inverse_updates
+        opt.step(_closure(opt, model, x, SMALL))
+        d = opt.diagnostics
+        if d.inverse_updates > updates:  # every layer's first candidate succeeded here
+            assert len(seen) == len(opt.layers)
+            assert d.clipped_curvatures == sum(seen) and d.remedy_layers == sum(c > 0 for c in seen)
+            total_layers += d.remedy_layers
+            total_curvatures += d.clipped_curvatures
+        else:
+            assert not seen
+    assert total_layers > 0
+    assert (d.remedy_layers_total, d.clipped_curvatures_total) == (total_layers, total_curvatures)
+
+
+def test_clip_indefinite_leaves_positive_definite_layers_alone_in_the_optimizer():
+    # Damping 0.1 keeps every pair positive definite: the remedy never fires, and the step is
+    # the one of indefinite="raise", which would refuse any curvature below the floor.
+    model = SMALL.build_model(seed=0)
+    twin = copy.deepcopy(model)
+    opt = NaturalGradient(model, SMALL, method="deflation", lr=0.1, damping=0.1, t_stats=1, t_inv=1)
+    ref = NaturalGradient(twin, SMALL, method="deflation", lr=0.1, damping=0.1, t_stats=1, t_inv=1, indefinite="raise")
+    for x in _batches(3):
+        opt.step(_closure(opt, model, x, SMALL))
+        ref.step(_closure(ref, twin, x, SMALL))
+    assert opt.diagnostics.remedy_layers_total == 0 and opt.diagnostics.clipped_curvatures_total == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+def _curvature_state(pre):
+    return {i: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for i, s in pre.state.items()}
+
+
+@pytest.mark.parametrize("method", ["kfac", "deflation"])
+def test_stats_batch_of_the_whole_batch_changes_nothing(method):
+    batches = _batches(5)
+    runs = []
+    for stats_batch in (None, 32, 1000):
+        model = SMALL.build_model(seed=0)
+        opt = NaturalGradient(model, SMALL, method=method, lr=0.1, damping=1e-2, t_stats=2, t_inv=2,
+                              stats_batch=stats_batch)
+        _run(opt, model, batches)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(runs[0], other, strict=True))
+
+
+def _model_closure(model, x):
+    def closure():
+        model.zero_grad()
+        loss = SMALL.loss(model(x), x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("method", ["kfac", "kpsvd", "deflation"])
+@pytest.mark.parametrize("mc_samples", [1, 2])
+def test_stats_batch_takes_the_statistics_from_exactly_the_first_rows(method, mc_samples):
+    x = _batches(1, dtype=torch.float64)[0]
+    rows = 8
+    model = SMALL.build_model(seed=0, dtype=torch.float64)
+    model_sub = copy.deepcopy(model)
+    settings = dict(mc_samples=mc_samples, t_stats=1, t_inv=1, kl_clip=None)
+    sub = _pre(model, method, stats_batch=rows, **settings)
+    ref = _pre(model_sub, method, **settings)
+    for _ in range(2):  # the second update folds into the running averages
+        sub.step(_model_closure(model, x))
+        ref.step(_model_closure(model_sub, x[:rows]))
+    mine, theirs = _curvature_state(sub), _curvature_state(ref)
+    assert mine.keys() == theirs.keys()
+    for index in mine:
+        assert mine[index].keys() == theirs[index].keys()
+        for key in mine[index]:
+            torch.testing.assert_close(mine[index][key], theirs[index][key], rtol=1e-12, atol=1e-14)
+    # The direction is still that of the whole batch's gradient.
+    whole = copy.deepcopy(model)
+    _model_closure(whole, x)()
+    for index, layer in sub.layers.items():
+        twin = dict(whole.named_modules())[next(n for n, m in model.named_modules() if m is layer)]
+        expected = sub.inverse(index).solve(weight_from_linear(twin.weight.grad, twin.bias.grad))
+        torch.testing.assert_close(weight_from_linear(layer.weight.grad, layer.bias.grad), expected, rtol=0, atol=1e-12)
+
+
+def test_fit_tol_overrides_the_optimizer_tolerance_only():
+    model = SMALL.build_model()
+    default = NaturalGradient(model, SMALL, method="kpsvd", lr=0.1)
+    assert default.config.fit_options == dict(METHODS["kpsvd"].optimizer_options)
+    loose = NaturalGradient(model, SMALL, method="kpsvd", lr=0.1, fit_tol=1e-1)
+    assert loose.config.fit_options == {**METHODS["kpsvd"].optimizer_options, "tol": 1e-1}
+    assert METHODS["kpsvd"].analysis_options["tol"] != 1e-1
+    lanczos = NaturalGradient(model, SMALL, method="lanczos", lr=0.1, fit_tol=1e-2)
+    assert lanczos.config.fit_options["tol"] == 1e-2
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [({"stats_batch": 0}, "stats_batch must be a positive integer or None, got 0"),
+     ({"stats_batch": 2.5}, "stats_batch must be a positive integer or None, got 2.5"),
+     ({"stats_batch": True}, "stats_batch must be a positive integer or None, got True"),
+     ({"fit_tol": 0.0}, "fit_tol must be a positive number, got 0.0"),
+     ({"fit_tol": float("nan")}, "fit_tol must be a positive number, got nan"),
+     ({"fit_tol": "1e-3"}, "fit_tol must be a positive number, got '1e-3'"),
+     ({"fit_tol": 1e-3, "fit_options": {"tol": 1e-4}}, "give the fit tolerance once"),
+     ({"fit_tol": 1e-3, "method": "kfac"}, "fit_tol does not apply to kfac"),
+     ({"kl_form": "martens"}, "unknown kl_form 'martens'; choose from paper, ba")],
+)
+def test_new_settings_are_validated(kw, message):
+    settings = {"method": "kpsvd", "lr": 0.1, **kw}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NaturalGradient(SMALL.build_model(), SMALL, **settings)

@@ -116,6 +116,57 @@ def test_train_command_bad_input_is_one_line_and_status_2(tmp_path, tiny_curves,
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--optimizer", "kfac", "--stats-batch", "0"], "must be a positive integer, got 0"),
+     (["--optimizer", "kfac", "--stats-batch", "41"], "the statistics batch 41 exceeds the batch size 40"),
+     (["--optimizer", "kfac", "--fit-tol", "1e-3"], "kfac: fit_tol does not apply to kfac"),
+     (["--optimizer", "kpsvd", "--fit-tol", "-1"], "must be a positive number, got -1"),
+     (["--optimizer", "kpsvd", "--profile", "ours"], "invalid choice: 'ours'"),
+     (["--optimizer", "kpsvd", "--kl-form", "martens"], "invalid choice: 'martens'")],
+)
+def test_train_command_new_settings_bad_input_is_one_line_and_status_2(tmp_path, tiny_curves, capsys, extra, message):
+    args = ["train", "--problem", "curves", "--batch-size", "40", "--out", str(tmp_path / "x"), "--no-progress", *extra]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,settings",
+    [([], {"profile": "fisherlab", "kl_form": "paper", "average": "block"}),
+     (["--profile", "paper"], {"profile": "paper", "kl_form": "paper", "average": "factors"}),
+     (["--profile", "paper", "--kl-form", "ba", "--average", "block"],
+      {"profile": "paper", "kl_form": "ba", "average": "block"})],
+)
+def test_train_command_profile_and_new_settings_reach_the_optimizer(tmp_path, tiny_curves, monkeypatch, extra, settings):
+    built = {}
+    original = fisherlab.training.build_optimizer
+
+    def spy(*args, **kwargs):
+        built["opt"] = original(*args, **kwargs)
+        return built["opt"]
+
+    monkeypatch.setattr(fisherlab.training, "build_optimizer", spy)
+    out = tmp_path / "run"
+    args = ["train", "--problem", "curves", "--optimizer", "deflation", "--epochs", "1", "--batch-size", "40",
+            "--lr", "0.01", "--damping", "0.01", "--stats-batch", "10", "--fit-tol", "0.01", "--out", str(out),
+            "--no-progress", *extra]
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert {k: record["settings"][k] for k in settings} == settings
+    assert record["settings"]["stats_batch"] == 10 and record["settings"]["fit_tol"] == 0.01
+    config = built["opt"].config
+    assert (config.kl_form, config.average, config.stats_batch) == (settings["kl_form"], settings["average"], 10)
+    assert config.fit_options["tol"] == 0.01
+    for key in ("remedy_layers", "clipped_curvatures", "remedy_layers_total", "clipped_curvatures_total"):
+        assert key in record["diagnostics"]
+
+
 def _interrupt_at(monkeypatch, at_step):
     original = fisherlab.loop.Loop._one_step
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP
+from fisherlab.optim import KL_FORMS, PROFILES
 from fisherlab.precondition import AVERAGES
 from fisherlab.training import OPTIMIZERS
 
@@ -48,12 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate η")
     parser.add_argument("--damping", type=_positive_float, default=1e-3, help="Tikhonov damping λ (natural gradient)")
     parser.add_argument("--clip", type=_clip, default=1e-3, help="KL-clipping constant c, or 'none'")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default="fisherlab",
+                        help="natural gradient: 'paper' is the paper's optimizer (appendix E KL clip, each factor "
+                             "averaged); 'fisherlab' (default) averages the block and refits, with the same KL clip")
+    parser.add_argument("--kl-form", choices=KL_FORMS, default=None,
+                        help="KL clip: 'paper' ν = min(1, √(c/Σ|⟨Δ,∇⟩|)) or 'ba' (Ba et al., η² inside the sum); "
+                             "default: the profile's (paper)")
     parser.add_argument("--t1", type=_positive_int, default=100, help="steps between statistics updates T₁")
     parser.add_argument("--t2", type=_positive_int, default=100, help="steps between inverse updates T₂")
     parser.add_argument("--momentum", type=float, default=None, help="default: 0.9 for SGD, 0 otherwise")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--average", choices=AVERAGES, default="block", help="moving average of the block or of each factor")
+    parser.add_argument("--average", choices=AVERAGES, default=None,
+                        help="moving average of the block or of each factor; default: the profile's")
     parser.add_argument("--mc-samples", type=_positive_int, default=1, help="targets drawn per input (k)")
+    parser.add_argument("--stats-batch", type=_positive_int, default=None,
+                        help="curvature statistics from the first N rows of each batch (the authors' code: B/4); "
+                             "default: the whole batch")
+    parser.add_argument("--fit-tol", type=_positive_float, default=None,
+                        help="tolerance of the optimizer's iterative fits (not kfac); default: the method's")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the paper's for the problem")
     parser.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--log-every", type=int, default=0, help="also log every N steps (0: per epoch only)")
@@ -77,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_training(
             args.problem, args.optimizer, args.out, epochs=args.epochs, lr=args.lr, damping=args.damping,
             clip=args.clip, t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay,
-            average=args.average, mc_samples=args.mc_samples, batch_size=args.batch_size,
+            average=args.average, mc_samples=args.mc_samples, profile=args.profile, kl_form=args.kl_form,
+            stats_batch=args.stats_batch, fit_tol=args.fit_tol, batch_size=args.batch_size,
             train_subset=args.train_subset, log_every=args.log_every, seed=args.seed, device=args.device,
             dtype=args.dtype, data_dir=args.data_dir,
             cache_dir=args.cache_dir, force=args.force, resume=args.resume, progress=not args.no_progress,

@@ -82,11 +82,54 @@ def test_indefinite_correction_is_detected_and_remedied():
 def test_clip_only_changes_the_offending_curvatures():
     stats = CASES["network"]()
     op = fit("kfac_corrected", stats).op
-    plain = damped_inverse(op, 1e-2, floor=1e-12)
-    clipped = damped_inverse(op, 1e-2, floor=0.999)
+    plain = damped_inverse(op, 1e-2, indefinite="clip", floor=1e-12)
+    clipped = damped_inverse(op, 1e-2, indefinite="clip", floor=0.999)
     keep = plain.denom >= 0.999
     assert torch.allclose(plain.denom[keep], clipped.denom[keep])
     assert clipped.clipped == int((~keep).sum())
+
+
+def _pair_with_curvatures(lowest: float):
+    """A damped pair whose curvatures 1 + s₁s₂ run from ``lowest`` to 1, with some in (0, 0.1)."""
+    gen = torch.Generator().manual_seed(4)
+    act = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    grad = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    act, grad = act @ act.T + torch.eye(5, dtype=torch.float64), grad @ grad.T + torch.eye(4, dtype=torch.float64)
+    pi, root = pi_factor(act, grad), math.sqrt(1e-2)
+    a_l, g_l = act + pi * root * torch.eye(5, dtype=torch.float64), grad + root / pi * torch.eye(4, dtype=torch.float64)
+    s1 = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    s2 = torch.full((4,), lowest - 1.0, dtype=torch.float64)
+    s2[1:] = torch.linspace(-0.95, 0.0, 3, dtype=torch.float64)
+    # C P₁ = A_λ P₁ S₁ with P₁ᵀ A_λ P₁ = I: C = A_λ P₁ S₁ P₁ᵀ A_λ for any A_λ-orthonormal P₁.
+    p1 = torch.linalg.cholesky(torch.linalg.inv(a_l))
+    p2 = torch.linalg.cholesky(torch.linalg.inv(g_l))
+    c = a_l @ p1 @ torch.diag(s1) @ p1.T @ a_l
+    d = g_l @ p2 @ torch.diag(s2) @ p2.T @ g_l
+    op = KronSum(torch.stack([act, (c + c.T) / 2]), torch.stack([grad, (d + d.T) / 2]))
+    curvatures = 1 + s2[:, None] * s1[None, :]
+    return op, curvatures
+
+
+def test_clip_indefinite_leaves_a_positive_definite_sum_untouched():
+    op, curvatures = _pair_with_curvatures(0.02)
+    assert curvatures.min() > 0 and int(((curvatures > 0) & (curvatures < 0.1)).sum()) > 0
+    inv = damped_inverse(op, 1e-2)  # the default remedy
+    assert inv.clipped == 0
+    torch.testing.assert_close(torch.sort(inv.denom.flatten()).values, torch.sort(curvatures.flatten()).values)
+    _check(inv, _pi_damped_dense(op, 1e-2), op)
+    # The unscoped remedy changes those positive-definite directions.
+    assert damped_inverse(op, 1e-2, indefinite="clip").clipped == int((curvatures < 0.1).sum())
+
+
+def test_clip_indefinite_raises_every_curvature_below_the_floor_in_an_indefinite_sum():
+    op, curvatures = _pair_with_curvatures(-0.5)
+    low = curvatures < 0.1
+    assert (curvatures <= 0).any() and ((curvatures > 0) & low).any()
+    inv = damped_inverse(op, 1e-2)
+    assert inv.clipped == int(low.sum())
+    expected = torch.where(low, torch.full_like(curvatures, 0.1), curvatures)
+    torch.testing.assert_close(torch.sort(inv.denom.flatten()).values, torch.sort(expected.flatten()).values)
+    assert torch.equal(inv.denom, damped_inverse(op, 1e-2, indefinite="clip").denom)
 
 
 def test_invalid_arguments_and_non_positive_definite_factors():
