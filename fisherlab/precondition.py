@@ -54,9 +54,11 @@ PerLayer = float | Callable[[int], float]
 class Likelihood(Protocol):
     """The model's predictive distribution (a :class:`fisherlab.problems.Problem` is one)."""
 
-    def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor: ...
+    def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """``ℓ_n``, the negative log-likelihood of each example, shape (B,)."""
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+    def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Targets drawn from the model's predictive distribution at ``output``."""
 
 
 @dataclass(frozen=True)
@@ -545,7 +547,9 @@ class KroneckerPreconditioner:
             ValueError: if the state's config or layers differ from this preconditioner's.
         """
         if state_dict["config"] != asdict(self.config):
-            raise ValueError(f"the saved preconditioner was configured as {state_dict['config']}, this one as {asdict(self.config)}")
+            raise ValueError(
+                f"the saved preconditioner was configured as {state_dict['config']}, this one as {asdict(self.config)}"
+            )
         saved = {int(index): state for index, state in state_dict["state"].items()}
         if set(saved) != set(self.layers):
             raise ValueError(f"the saved preconditioner covers layers {sorted(saved)}, this one {sorted(self.layers)}")

@@ -42,6 +42,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fisherlab train``."""
     parser.add_argument("--problem", required=True, help="curves, mnist or faces")
     parser.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
     parser.add_argument("--out", required=True, type=Path, help="output directory")
