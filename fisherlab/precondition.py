@@ -350,7 +350,7 @@ class KroneckerPreconditioner:
         Args:
             closure: runs the forward pass, the loss and the backward pass; returns the loss.
             targets: the batch's targets, needed by ``fisher="empirical"`` on the steps
-                that refresh the statistics.
+                that refresh the statistics (ignored by the other Fisher types).
 
         Returns:
             The closure's loss, or None.
@@ -391,7 +391,7 @@ class KroneckerPreconditioner:
             if cfg.fisher == "empirical" and targets is None:
                 raise RuntimeError(f"step {t} refreshes the empirical Fisher and needs the batch's targets: "
                                    "step(closure, targets=y)")
-            loss, stats = self._closure_with_statistics(closure, targets)
+            loss, stats = self._closure_with_statistics(closure, targets if cfg.fisher == "empirical" else None)
             self._update_curvature(stats)
         elif closure is not None:
             with torch.enable_grad():
