@@ -31,6 +31,7 @@ from fisherlab.precondition import (
     Diagnostics,
     KroneckerPreconditioner,
     Likelihood,
+    saved_config,
 )
 
 __all__ = ["AVERAGES", "KL_FORMS", "PRESETS", "PROFILES", "Config", "Diagnostics", "NaturalGradient"]
@@ -310,7 +311,7 @@ class NaturalGradient(torch.optim.Optimizer):
         extra = state_dict.pop("natural_gradient", None)
         if extra is None:
             raise ValueError("this state dict was not saved by a NaturalGradient optimizer")
-        if extra["config"] != asdict(self.config):
+        if saved_config(extra["config"]) != asdict(self.config):
             raise ValueError(f"the saved optimizer was configured as {extra['config']}, this one as {asdict(self.config)}")
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(extra)

@@ -626,7 +626,7 @@ class KroneckerPreconditioner:
         Raises:
             ValueError: if the state's config or layers differ from this preconditioner's.
         """
-        if state_dict["config"] != asdict(self.config):
+        if saved_config(state_dict["config"]) != asdict(self.config):
             raise ValueError(
                 f"the saved preconditioner was configured as {state_dict['config']}, this one as {asdict(self.config)}"
             )
@@ -638,6 +638,12 @@ class KroneckerPreconditioner:
             self.state[index] = {key: _to(value, device) for key, value in state.items()}
         self.diagnostics = Diagnostics(**state_dict["diagnostics"])
         self._generator.set_state(state_dict["generator"].cpu())
+
+
+def saved_config(config: dict) -> dict:
+    """A saved :class:`Config` as a dict, with the defaults of the settings added since (states
+    saved before them resume)."""
+    return {"fisher": "mc", "kfac_form": "expand", **config}
 
 
 def _with_tolerance(method: str, fit_options: dict | None, fit_tol: float | None) -> dict | None:

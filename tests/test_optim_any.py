@@ -285,3 +285,18 @@ def test_bad_settings_are_refused(kw, error, word):
     kw = {"likelihood": "categorical", **kw}
     with pytest.raises(error, match=word):
         NaturalGradient(_model(), **kw)
+
+
+def test_a_state_saved_before_the_fisher_settings_existed_resumes():
+    model = _model()
+    x, y = _data()
+    opt = NaturalGradient(model, "categorical", t_stats=1)
+    opt.step(_closure(opt, model, x, y))
+    state = opt.state_dict()
+    for key in ("fisher", "kfac_form"):
+        del state["natural_gradient"]["config"][key]
+    other = NaturalGradient(model, "categorical", t_stats=1)
+    other.load_state_dict(state)
+    assert other.diagnostics.steps == 1
+    with pytest.raises(ValueError, match="configured"):
+        NaturalGradient(model, "categorical", t_stats=1, fisher="exact").load_state_dict(state)
