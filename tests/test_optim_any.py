@@ -300,3 +300,21 @@ def test_a_state_saved_before_the_fisher_settings_existed_resumes():
     assert other.diagnostics.steps == 1
     with pytest.raises(ValueError, match="configured"):
         NaturalGradient(model, "categorical", t_stats=1, fisher="exact").load_state_dict(state)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_stats_batch_takes_the_statistics_of_the_first_rows_on_a_cnn(fisher):
+    # The statistics of a batch of 8 with stats_batch=4 are those of its first 4 rows alone.
+    x, y = _data(n=8)
+    settings = dict(method="kfac", t_stats=1, t_inv=1, fisher=fisher, kfac_form="expand")
+    part = _model()
+    opt = NaturalGradient(part, "categorical", stats_batch=4, **settings)
+    opt.step(_closure(opt, part, x, y), targets=y)
+    alone = _model()
+    ref = NaturalGradient(alone, "categorical", **settings)
+    ref.step(_closure(ref, alone, x[:4], y[:4]), targets=y[:4])
+    for index in opt.layers:
+        for key in ("kfac_act", "kfac_grad"):
+            torch.testing.assert_close(opt.preconditioner.state[index][key], ref.preconditioner.state[index][key],
+                                       rtol=1e-12, atol=1e-15)
+    assert not torch.equal(part.conv.weight, alone.conv.weight)  # the step itself is the whole batch's
