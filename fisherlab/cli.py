@@ -19,7 +19,7 @@ COMMANDS = {
     "record": "record a training run's per-layer Fisher statistics into an HDF5 run file",
     "analyze": "fit every Kronecker approximation on every recorded step and layer",
     "plot": "draw the figures of an analyzed run or of training histories",
-    "train": "train a benchmark auto-encoder with SGD, Adam, KFAC or a Kronecker optimizer",
+    "train": "train a built-in problem or your model (--model FILE.py:FACTORY) with SGD, Adam or a Kronecker optimizer",
     "study": "the main job: record, analyze and plot in one command",
 }
 

@@ -1,14 +1,16 @@
 """The one training loop: data order, epochs, evaluation, history, timing, checkpoints.
 
-:class:`Loop` trains an auto-encoder with any torch optimizer; ``fisherlab train``
+:class:`Loop` trains a model with any torch optimizer, on inputs with targets (a classifier,
+a regression) or on inputs that are their own targets (the paper's auto-encoders); ``fisherlab train``
 (:func:`fisherlab.training.train`) is this loop with an evaluation history, ``fisherlab
 record`` (:func:`fisherlab.record.record`) is this loop with a :class:`Hook` that probes the
 Fisher statistics and stores them.
 
 Every step is ``optimizer.step(closure)``; the closure zeroes the gradients, runs the forward
 pass (through the hook's :meth:`Hook.forward`), the loss (the batch mean of the per-example
-negative log-likelihood, :meth:`fisherlab.problems.Problem.loss`) and the backward pass; the
-natural-gradient optimizers run their extra backward pass inside it.
+negative log-likelihood, ``per_example_loss`` of the problem or likelihood) and the backward
+pass; the natural-gradient optimizers run their extra backward pass inside it (an optimizer
+with ``needs_targets`` set, the empirical Fisher's, also gets ``step(closure, targets=y)``).
 
 Data order. The batches come from a generator seeded with ``seed``: one permutation of the
 training set per epoch, the incomplete last batch dropped (every Fisher estimate uses the
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 
 from fisherlab.errors import UserInputError
 from fisherlab.io import atomic_write
+from fisherlab.likelihoods import Likelihood
 from fisherlab.problems import Problem
 
 #: Columns of ``history.csv``, in order.
@@ -100,12 +103,14 @@ class History:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, problem: Problem, data: Tensor, chunk: int = 4096) -> float:
-    """Mean per-example loss of the auto-encoder on ``data`` (targets = inputs)."""
+def evaluate(model: nn.Module, problem: Problem | Likelihood, data: Tensor, chunk: int = 4096,
+             targets: Tensor | None = None) -> float:
+    """Mean per-example loss of ``model`` on ``data`` with ``targets`` (default: the inputs, an auto-encoder)."""
     total = 0.0
     for start in range(0, data.shape[0], chunk):
         x = data[start : start + chunk]
-        total += float(problem.per_example_loss(model(x), x).sum())
+        y = x if targets is None else targets[start : start + chunk]
+        total += float(problem.per_example_loss(model(x), y).sum())
     return total / data.shape[0]
 
 
@@ -180,10 +185,13 @@ class Loop:
     """Train ``model`` on ``train_data`` for ``steps`` optimizer steps (see the module docstring).
 
     Args:
-        model: the auto-encoder (targets = inputs).
-        problem: gives the loss and the per-example loss.
+        model: the network.
+        problem: a :class:`~fisherlab.problems.Problem` or a likelihood: its
+            ``per_example_loss(output, target)`` gives the loss (the batch mean).
         optimizer: any torch optimizer over the model's parameters.
         train_data: one example a row, on the model's device and in its dtype.
+        train_targets, val_targets: the targets of ``train_data`` and ``val_data``, one a row
+            (default: the inputs themselves, an auto-encoder).
         batch_size: examples per step.
         steps: optimizer steps in the run.
         seed: seed of the batch order.
@@ -202,10 +210,12 @@ class Loop:
     def __init__(
         self,
         model: nn.Module,
-        problem: Problem,
+        problem: Problem | Likelihood,
         optimizer: torch.optim.Optimizer,
         train_data: Tensor,
         *,
+        train_targets: Tensor | None = None,
+        val_targets: Tensor | None = None,
         batch_size: int,
         steps: int,
         seed: int = 0,
@@ -222,7 +232,11 @@ class Loop:
         if batch_size > train_data.shape[0]:
             raise UserInputError(f"batch size {batch_size} exceeds the {train_data.shape[0]} training examples")
         self.model, self.problem, self.optimizer = model, problem, optimizer
+        for name, targets, data in (("train", train_targets, train_data), ("validation", val_targets, val_data)):
+            if targets is not None and (data is None or targets.shape[0] != data.shape[0]):
+                raise UserInputError(f"the {name} targets must have one row per example")
         self.train_data, self.val_data = train_data, val_data
+        self.train_targets, self.val_targets = train_targets, val_targets
         self.batch_size, self.steps, self.log_every = batch_size, steps, log_every
         self.steps_per_epoch = train_data.shape[0] // batch_size
         self.hook = hook or Hook()
@@ -297,7 +311,10 @@ class Loop:
                 for position, index in enumerate(batch_indices(self.train_data.shape[0], self.batch_size, self.generator)):
                     if position < skip:
                         continue
-                    asked = self._one_step(self.train_data[index.to(self.device)], keeps_history)
+                    index = index.to(self.device)
+                    x = self.train_data[index]
+                    y = x if self.train_targets is None else self.train_targets[index]
+                    asked = self._one_step(x, y, keeps_history)
                     logged = keeps_history and self._log_due()
                     bar.set_postfix(self._postfix(), refresh=False)
                     bar.update()
@@ -314,19 +331,22 @@ class Loop:
             bar.close()
         return self.history
 
-    def _one_step(self, x: Tensor, keeps_history: bool) -> bool:
+    def _one_step(self, x: Tensor, y: Tensor, keeps_history: bool) -> bool:
         step, model, problem, optimizer = self.step, self.model, self.problem, self.optimizer
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = problem.loss(self.hook.forward(model, x, step), x)
+            loss = problem.per_example_loss(self.hook.forward(model, x, step), y).mean()
             loss.backward()
             return loss
 
         if keeps_history:  # the history's seconds are device time
             _sync(self.device)
         start = time.perf_counter()
-        loss = float(optimizer.step(closure).detach())
+        if getattr(optimizer, "needs_targets", False):
+            loss = float(optimizer.step(closure, targets=y).detach())
+        else:
+            loss = float(optimizer.step(closure).detach())
         if keeps_history:
             _sync(self.device)
             self._batch_losses.append(loss)
@@ -354,17 +374,19 @@ class Loop:
 
     def _log(self) -> None:
         model = self.model
+        modes = [(m, m.training) for m in model.modules()]  # restored as they were: eval-mode batch norm stays so
         model.eval()
         row = {
             "epoch": 0 if self.step == 0 else (self.step - 1) // self.steps_per_epoch + 1,
             "step": self.step,
             "seconds": self.seconds,
-            "train_loss": evaluate(model, self.problem, self.train_data),
-            "val_loss": evaluate(model, self.problem, self.val_data),
+            "train_loss": evaluate(model, self.problem, self.train_data, targets=self.train_targets),
+            "val_loss": evaluate(model, self.problem, self.val_data, targets=self.val_targets),
             "batch_loss": sum(self._batch_losses) / len(self._batch_losses) if self._batch_losses else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        model.train()
+        for module, training in modes:
+            module.train(training)
         self._batch_losses.clear()
         self.history.rows.append(row)
         self.history.diverged = not math.isfinite(row["train_loss"])

@@ -31,6 +31,7 @@ from fisherlab.precondition import (
     Diagnostics,
     KroneckerPreconditioner,
     Likelihood,
+    saved_config,
 )
 
 __all__ = ["AVERAGES", "KL_FORMS", "PRESETS", "PROFILES", "Config", "Diagnostics", "NaturalGradient"]
@@ -54,10 +55,11 @@ PROFILES = {
 
 
 class NaturalGradient(torch.optim.Optimizer):
-    r"""Natural gradient with a Kronecker approximation of each ``nn.Linear`` layer's Fisher block.
+    r"""Natural gradient with a Kronecker approximation of each supported layer's Fisher block.
 
-    For layer ``l`` with ``W_l = [b_l | w_l]`` (n × m, bias in column 0) and loss gradient
-    ``∇_l`` in the same shape, every step computes
+    For layer ``l`` with weight matrix ``W_l`` (n × m: ``[bias | weight]`` for a ``Linear``,
+    ``[bias | weight.flatten(1)]`` for a convolution, bias in column 0 when there is one;
+    :mod:`fisherlab.layers`) and loss gradient ``∇_l`` in the same shape, every step computes
 
     .. math::
         Δ_l = (\hat F_l + λ)^{-1} ∇_l,\qquad
@@ -78,8 +80,11 @@ class NaturalGradient(torch.optim.Optimizer):
     positive-definite sum is solved exactly; absolute values are never taken).
 
     **Statistics.** Every ``T₁`` steps (``t_stats``) one extra backward pass with ``k``
-    targets per input drawn from the model's predictive distribution (``mc_samples``) gives
-    each layer's mini-batch block ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (docs/design.md §2), and the
+    targets per input drawn from the model's predictive distribution (``mc_samples``; or
+    the data's targets, ``fisher="empirical"``; or one pass per column of a square root of
+    the loss Hessian, ``fisher="exact"``) gives each layer's mini-batch block
+    ``F = (1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ`` (docs/design.md §2; for a weight shared over
+    positions, the block of ``∇W_n = Σ_t g_{n,t} ā_{n,t}ᵀ``, §9, whose KFAC is ``kfac_form``'s), and the
     approximation is refitted (``stats_batch = B'``: from the first B' rows of the batch only,
     by a second forward pass on them; the gradient stays the whole batch's); every ``T₂``
     steps (``t_inv``) the damped inverses are recomputed. The ``k``-th statistics update averages with weight
@@ -123,12 +128,15 @@ class NaturalGradient(torch.optim.Optimizer):
     parameter with a gradient; any other torch optimizer can follow the preconditioner instead.
 
     Args:
-        model: the network; its ``nn.Linear`` layers (each with a bias) whose weight is among
-            ``params`` are preconditioned, every other parameter takes a plain gradient step
-            (with the group's momentum and weight decay).
-        likelihood: predictive distribution with ``per_example_loss(output, target)`` and
-            ``sample_targets(output, generator)``; the model's output is its last
-            pre-activation (a :class:`~fisherlab.problems.Problem`).
+        model: any ``nn.Module``; its supported layers (``Linear``, ``Conv1d``, ``Conv2d``,
+            ``ConvTranspose2d``) whose weight is among ``params`` are preconditioned, every
+            other parameter takes a plain gradient step (with the group's momentum and weight
+            decay; listed in :attr:`not_preconditioned`). Batch normalization in training
+            mode is refused.
+        likelihood: a name of :data:`fisherlab.likelihoods.LIKELIHOODS`, or an object with
+            ``per_example_loss(output, target)`` and ``sample_targets(output, generator)``;
+            the model's output is its last pre-activation (a
+            :class:`~fisherlab.problems.Problem`).
         params: parameters or parameter groups (default: all of ``model``'s). A layer's weight
             and bias must be in the same group.
         method: the approximation, a method of :data:`fisherlab.kron.METHODS` with
@@ -155,14 +163,21 @@ class NaturalGradient(torch.optim.Optimizer):
         stats_batch: statistics from the first B' rows of each batch (the authors' code
             uses B/4); None: the whole batch.
         seed: seed of the generator that draws the Monte-Carlo targets.
+        fisher: ``"mc"``, ``"empirical"`` (pass the batch's targets to :meth:`step`) or
+            ``"exact"``.
+        kfac_form: KFAC of the shared-weight layers, ``"expand"`` or ``"reduce"``.
 
     Raises:
         ValueError: for an invalid hyperparameter or option (the message names it).
-        TypeError: if ``likelihood`` lacks ``per_example_loss`` or ``sample_targets``.
+        TypeError: if ``likelihood`` lacks a method its Fisher type needs.
+        UserInputError: unknown likelihood name or Fisher type, a module that couples the
+            samples (named), a supported layer type in an unsupported configuration.
 
     Attributes:
         diagnostics: a :class:`Diagnostics`.
-        layers: ``{layer index (1-based): nn.Linear}`` of the preconditioned layers.
+        layers: ``{layer index (1-based): module}`` of the preconditioned layers.
+        not_preconditioned: names of the parameters that take the plain step.
+        needs_targets: whether :meth:`step` needs the batch's targets (the empirical Fisher).
     """
 
     def __init__(
@@ -190,6 +205,8 @@ class NaturalGradient(torch.optim.Optimizer):
         kl_form: str = "paper",
         fit_tol: float | None = None,
         stats_batch: int | None = None,
+        fisher: str = "mc",
+        kfac_form: str = "expand",
     ):
         _check_group(lr, damping, momentum, weight_decay)
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay}
@@ -219,12 +236,16 @@ class NaturalGradient(torch.optim.Optimizer):
             kl_form=kl_form,
             fit_tol=fit_tol,
             stats_batch=stats_batch,
+            fisher=fisher,
+            kfac_form=kfac_form,
         )
         self.layers = self.preconditioner.layers
+        self.not_preconditioned = self.preconditioner.not_preconditioned
+        self.needs_targets = fisher == "empirical"
         # Groups are remembered by position: load_state_dict replaces the group dicts.
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for index, layer in self.layers.items():
-            if group_of[id(layer.bias)] != group_of[id(layer.weight)]:
+            if layer.bias is not None and group_of[id(layer.bias)] != group_of[id(layer.weight)]:
                 raise ValueError(f"the weight and bias of layer {index} must be in the same parameter group")
         self._layer_group = {index: group_of[id(layer.weight)] for index, layer in self.layers.items()}
 
@@ -254,14 +275,15 @@ class NaturalGradient(torch.optim.Optimizer):
         return self.param_groups[self._layer_group[index]]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None, *, targets: Tensor | None = None) -> Tensor | None:
         """One update; ``closure`` (forward, loss, backward, return the loss) is required on
-        the steps that refresh the statistics (every ``t_stats`` steps, the first included).
+        the steps that refresh the statistics (every ``t_stats`` steps, the first included),
+        and so are the batch's ``targets`` with ``fisher="empirical"``.
 
         Raises:
-            RuntimeError: if the statistics are due and no closure was given.
+            RuntimeError: if the statistics are due and no closure (or targets) was given.
         """
-        loss = self.preconditioner.update(closure)
+        loss = self.preconditioner.update(closure, targets=targets)
         directions = self.preconditioner.directions()
         for group in self.param_groups:
             for p in group["params"]:
@@ -289,7 +311,7 @@ class NaturalGradient(torch.optim.Optimizer):
         extra = state_dict.pop("natural_gradient", None)
         if extra is None:
             raise ValueError("this state dict was not saved by a NaturalGradient optimizer")
-        if extra["config"] != asdict(self.config):
+        if saved_config(extra["config"]) != asdict(self.config):
             raise ValueError(f"the saved optimizer was configured as {extra['config']}, this one as {asdict(self.config)}")
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(extra)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fisherlab.errors import UserInputError
+from fisherlab.likelihoods import Likelihood
 from fisherlab.problems import Problem
 
 #: The paper's baselines (§4): SGD with momentum 0.9, Adam with betas (0.9, 0.999).
@@ -28,7 +29,7 @@ def optimizer_names() -> tuple[str, ...]:
 def build_optimizer(
     name: str,
     model: nn.Module,
-    problem: Problem,
+    problem: Problem | Likelihood | str,
     *,
     lr: float,
     damping: float = 1e-3,
@@ -45,11 +46,16 @@ def build_optimizer(
     kl_form: str | None = None,
     stats_batch: int | None = None,
     fit_tol: float | None = None,
+    fisher: str = "mc",
+    kfac_form: str = "expand",
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (one of :func:`optimizer_names`) over all of ``model``'s parameters.
 
+    ``problem`` is the model's predictive distribution: a :class:`~fisherlab.problems.Problem`,
+    a likelihood or a likelihood's name (:mod:`fisherlab.likelihoods`).
     ``damping``, ``clip`` (KL-clipping c, None for none), ``t1``, ``t2``, ``mc_samples``,
-    ``fit_options``, ``stats_batch``, ``fit_tol`` and the profile (``profile``, a name of
+    ``fit_options``, ``stats_batch``, ``fit_tol``, ``fisher`` (``mc``, ``empirical``,
+    ``exact``), ``kfac_form`` (``expand``, ``reduce``) and the profile (``profile``, a name of
     :data:`fisherlab.optim.PROFILES`, whose ``average`` and ``kl_form`` these two override
     where given) apply to the natural-gradient optimizers only.
     ``momentum`` defaults to 0.9 for SGD and 0 for the natural-gradient optimizers (the
@@ -86,6 +92,8 @@ def build_optimizer(
                 mc_samples=mc_samples,
                 fit_options=fit_options,
                 seed=seed,
+                fisher=fisher,
+                kfac_form=kfac_form,
             )
     except ValueError as exc:
         raise UserInputError(f"{name}: {exc}") from exc

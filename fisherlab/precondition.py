@@ -1,8 +1,10 @@
 """A Kronecker preconditioner that any torch optimizer can step with.
 
-:class:`KroneckerPreconditioner` keeps each ``nn.Linear`` layer's Kronecker approximation of
-its Fisher block up to date and rewrites the layer's gradient into the damped natural-gradient
-direction; the optimizer that follows (``torch.optim.SGD``, ``Adam``, or
+:class:`KroneckerPreconditioner` keeps each supported layer's Kronecker approximation of its
+Fisher block up to date (every layer type of :mod:`fisherlab.layers`: ``Linear`` with or
+without bias, also on ``(B, T, d)`` inputs, ``Conv1d``, ``Conv2d``, ``ConvTranspose2d``; the
+blocks come from :class:`fisherlab.capture.BlockCapture`) and rewrites the layer's gradient
+into the damped natural-gradient direction; the optimizer that follows (``torch.optim.SGD``, ``Adam``, or
 :class:`fisherlab.optim.NaturalGradient`'s own update) takes the step. It is built on the same
 fitters (:func:`fisherlab.kron.fit`) and damped solves (:func:`fisherlab.kron.solve.damped_inverse`)
 as the analysis::
@@ -36,11 +38,14 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from fisherlab.capture import BlockCapture
+from fisherlab.errors import UserInputError
 from fisherlab.kron import METHODS, BlockStats, FitInfo, FitResult, KronSum, fit, validate
 from fisherlab.kron.averaged import AveragedBlock, average_terms
-from fisherlab.kron.layout import weight_from_linear
+from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
 from fisherlab.kron.solve import INDEFINITE_REMEDIES, DampedInverse, damped_inverse
-from fisherlab.probe import FisherProbe
+from fisherlab.layers import LayerAdapter
+from fisherlab.likelihoods import FISHER_TYPES, get_likelihood
 
 #: How statistics are averaged over time (see :class:`fisherlab.optim.NaturalGradient`).
 AVERAGES = ("block", "factors")
@@ -52,13 +57,19 @@ PerLayer = float | Callable[[int], float]
 
 
 class Likelihood(Protocol):
-    """The model's predictive distribution (a :class:`fisherlab.problems.Problem` is one)."""
+    """The model's predictive distribution (a :class:`fisherlab.problems.Problem` is one, as is
+    every :class:`fisherlab.likelihoods.Likelihood`; the ``exact`` Fisher also needs
+    ``hessian_sqrt`` and ``hessian_rank``)."""
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """``ℓ_n``, the negative log-likelihood of each example, shape (B,)."""
 
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Targets drawn from the model's predictive distribution at ``output``."""
+
+#: What each Fisher type needs of a likelihood object.
+_NEEDS = {"mc": ("per_example_loss", "sample_targets"), "empirical": ("per_example_loss",),
+          "exact": ("hessian_sqrt", "hessian_rank")}
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,8 @@ class Config:
     fit_options: dict = field(default_factory=dict)
     kl_form: str = "paper"
     stats_batch: int | None = None
+    fisher: str = "mc"
+    kfac_form: str = "expand"
 
 
 @dataclass
@@ -125,33 +138,48 @@ class Diagnostics:
     seconds_inverse: float = 0.0
 
 
-def find_layers(model: nn.Module, params: Iterable[Tensor]) -> dict[int, nn.Linear]:
-    """``{1-based index among the model's nn.Linear layers: layer}`` of those whose weight is in ``params``.
+def find_layers(model: nn.Module, params: Iterable[Tensor]) -> tuple[dict[int, LayerAdapter], list[str]]:
+    """The supported layers whose weight is in ``params``, and the other parameters of ``params``.
+
+    Layers are numbered ``1 … L`` among the model's supported layers in ``model.modules()``
+    order (:class:`fisherlab.capture.BlockCapture`).
+
+    Returns:
+        ``({1-based layer index: adapter}, names of the parameters in params that no chosen layer
+        owns)``: the latter take the plain gradient.
 
     Raises:
-        ValueError: if such a layer has no bias, its bias is not in ``params``, or there is none.
+        UserInputError: a module couples the samples (batch normalization in training mode; the
+            message names it), or a supported type in an unsupported configuration.
+        ValueError: if a layer's weight is in ``params`` and its bias is not (or the reverse),
+            or no supported layer is.
     """
     chosen = {id(p) for p in params}
-    layers = {}
-    for index, layer in enumerate((m for m in model.modules() if isinstance(m, nn.Linear)), start=1):
-        if id(layer.weight) not in chosen:
+    layers: dict[int, LayerAdapter] = {}
+    owned: set[int] = set()
+    for index, layer in BlockCapture(model).layers.items():
+        module = layer.adapter.module
+        inside = [id(p) in chosen for p in (module.weight, module.bias) if p is not None]
+        if not any(inside):
             continue
-        if layer.bias is None:
-            raise ValueError(f"layer {index} has no bias; the block convention needs W = [bias | weight]")
-        if id(layer.bias) not in chosen:
-            raise ValueError(f"the bias of layer {index} must be preconditioned with its weight")
-        layers[index] = layer
+        if not all(inside):
+            raise ValueError(f"the weight and bias of layer {index} ({layer.name}) must be preconditioned together")
+        layers[index] = layer.adapter
+        owned.update(id(p) for p in (module.weight, module.bias) if p is not None)
     if not layers:
-        raise ValueError("no nn.Linear layer of the model is among the parameters to optimize")
-    return layers
+        raise ValueError("no supported layer of the model (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d) "
+                         "is among the parameters to optimize")
+    plain = [name for name, p in model.named_parameters() if id(p) in chosen and id(p) not in owned]
+    return layers, plain
 
 
 class KroneckerPreconditioner:
-    r"""Rewrites each ``nn.Linear`` layer's gradient into ``ν (F̂_l + λ)^{-1} ∇_l``.
+    r"""Rewrites each supported layer's gradient into ``ν (F̂_l + λ)^{-1} ∇_l``.
 
-    For layer ``l`` with ``W_l = [b_l | w_l]`` (n × m, bias in column 0) and loss gradient
-    ``∇_l`` in the same shape, :meth:`step` sets the layer's ``.grad`` (bias: column 0,
-    weight: the rest) to
+    For layer ``l`` with weight matrix ``W_l`` (n × m: ``[bias | weight]`` for a ``Linear``,
+    ``[bias | weight.flatten(1)]`` for a convolution, bias in column 0 when there is one;
+    :mod:`fisherlab.layers`) and loss gradient ``∇_l`` in the same shape, :meth:`step` sets
+    the layer's ``.grad`` (weight and bias, mapped back by the layer's adapter) to
 
     .. math::
         ν Δ_l,\qquad Δ_l = (\hat F_l + λ)^{-1} ∇_l,\qquad
@@ -164,18 +192,33 @@ class KroneckerPreconditioner:
     The damping, the statistics schedule (T₁ = ``t_stats``, T₂ = ``t_inv``), the
     moving averages and the fallbacks are those documented in
     :class:`fisherlab.optim.NaturalGradient`, which is this preconditioner followed by its
-    update rule. Other parameters' gradients are left as they are.
+    update rule. The blocks are exact per-sample blocks of the Fisher type ``fisher``
+    (:class:`fisherlab.capture.BlockCapture`): a layer used at one position per sample gives
+    ``(1/N) Σ_n ā_n ā_nᵀ ⊗ g_n g_nᵀ``; a weight shared over positions (convolutions, a
+    ``Linear`` on ``(B, T, d)``) gives the block of ``∇W_n = Σ_t g_{n,t} ā_{n,t}ᵀ``, whose KFAC
+    (and KFAC-corrected's first term) is ``kfac_form``'s. Parameters of other module types
+    (listed in :attr:`not_preconditioned`) keep their gradient: the step that follows is a
+    plain one for them. A module that couples the samples (batch normalization in training
+    mode) is refused.
 
     The extra backward pass needs the forward graph, so a step that refreshes the
     statistics (every ``t_stats`` steps, the first included) needs a ``closure`` that runs
     the forward and backward passes; the model is hooked only while it runs.
 
     Args:
-        model: the network.
-        likelihood: predictive distribution with ``per_example_loss(output, target)`` and
-            ``sample_targets(output, generator)`` (a :class:`~fisherlab.problems.Problem`).
+        model: any ``nn.Module``; its output is the last pre-activation.
+        likelihood: a name of :data:`fisherlab.likelihoods.LIKELIHOODS` (``gaussian``,
+            ``bernoulli``, ``categorical``), or an object with ``per_example_loss(output,
+            target)`` and ``sample_targets(output, generator)`` (a
+            :class:`~fisherlab.problems.Problem`; ``exact`` needs ``hessian_sqrt`` and
+            ``hessian_rank`` instead).
         params: the parameters whose layers are preconditioned (default: all of ``model``'s);
             a layer's weight and bias go together.
+        fisher: the Fisher type, ``"mc"`` (``mc_samples`` targets drawn from the model),
+            ``"empirical"`` (the data's targets, given to :meth:`step`) or ``"exact"`` (one
+            backward pass per column of a square root of the loss Hessian).
+        kfac_form: KFAC of the shared-weight layers, ``"expand"`` or ``"reduce"``
+            (:mod:`fisherlab.kron.shared`).
         method: the approximation, a method of :data:`fisherlab.kron.METHODS` with
             ``optimizer_options``.
         rank: Kronecker terms (default: 1 for kfac and kpsvd, 2 for the others).
@@ -188,7 +231,7 @@ class KroneckerPreconditioner:
         decay: α in [0, 1) (0: no moving average).
         t_stats: T₁ ≥ 1.
         t_inv: T₂ ≥ 1.
-        mc_samples: k ≥ 1 targets per input.
+        mc_samples: k ≥ 1 targets per input (``fisher="mc"`` only).
         average: ``"block"`` or ``"factors"``.
         indefinite: remedy for an indefinite two-term sum (``clip_indefinite``, ``clip``,
             ``drop``, ``raise``; :mod:`fisherlab.kron.solve`).
@@ -204,11 +247,17 @@ class KroneckerPreconditioner:
 
     Raises:
         ValueError: for an invalid hyperparameter or option (the message names it).
-        TypeError: if ``likelihood`` lacks ``per_example_loss`` or ``sample_targets``.
+        TypeError: if ``likelihood`` lacks a method its Fisher type needs.
+        UserInputError: for an unknown likelihood name or Fisher type, a module that couples
+            the samples (named in the message), a supported layer type in an unsupported
+            configuration.
 
     Attributes:
         diagnostics: a :class:`Diagnostics`.
-        layers: ``{layer index (1-based): nn.Linear}`` of the preconditioned layers.
+        layers: ``{layer index (1-based): module}`` of the preconditioned layers.
+        adapters: ``{layer index: adapter}`` (:mod:`fisherlab.layers`) of the same layers.
+        not_preconditioned: names (as in ``model.named_parameters()``) of the parameters in
+            ``params`` that no preconditioned layer owns: their gradient is left as it is.
         state: ``{layer index: curvature state}`` (running factors, approximation, inverse).
     """
 
@@ -235,7 +284,17 @@ class KroneckerPreconditioner:
         kl_form: str = "paper",
         fit_tol: float | None = None,
         stats_batch: int | None = None,
+        fisher: str = "mc",
+        kfac_form: str = "expand",
     ):
+        if fisher not in FISHER_TYPES:
+            raise UserInputError(f"unknown Fisher type {fisher!r}; choose from {', '.join(FISHER_TYPES)}")
+        if kfac_form not in KFAC_FORMS:
+            raise ValueError(f"unknown kfac_form {kfac_form!r}; choose from {', '.join(KFAC_FORMS)}")
+        if fisher != "mc" and mc_samples != 1:
+            raise ValueError(f"mc_samples applies to fisher='mc' only, not {fisher!r}")
+        if isinstance(likelihood, str):
+            likelihood = get_likelihood(likelihood)
         fit_options = _with_tolerance(method, fit_options, fit_tol)
         _, rank, fit_options = validate(method, rank, fit_options, optimizer=True)
         if kl_clip is not None and not kl_clip > 0:
@@ -256,9 +315,10 @@ class KroneckerPreconditioner:
             raise ValueError(f"unknown indefinite remedy {indefinite!r}; choose from {', '.join(INDEFINITE_REMEDIES)}")
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
-        for name in ("per_example_loss", "sample_targets"):
+        for name in _NEEDS[fisher]:
             if not callable(getattr(likelihood, name, None)):
-                raise TypeError(f"likelihood needs a {name}() method (a fisherlab Problem has both)")
+                raise TypeError(f"the {fisher!r} Fisher needs a likelihood with a {name}() method "
+                                "(a name of fisherlab.likelihoods has every one)")
         if not callable(damping) and not damping > 0:
             raise ValueError(f"damping (λ) must be positive, got {damping}")
         if kl_clip is not None and kl_form == "ba" and lr is None:
@@ -267,10 +327,11 @@ class KroneckerPreconditioner:
             raise ValueError(f"lr (η) must be positive, got {lr}")
 
         self.config = Config(method, rank, average, decay, t_stats, t_inv, kl_clip, mc_samples, indefinite, floor,
-                             fit_options, kl_form, stats_batch)
+                             fit_options, kl_form, stats_batch, fisher, kfac_form)
         self.likelihood = likelihood
         self.model = model
-        self.layers = find_layers(model, model.parameters() if params is None else params)
+        self.adapters, self.not_preconditioned = find_layers(model, model.parameters() if params is None else params)
+        self.layers: dict[int, nn.Module] = {index: adapter.module for index, adapter in self.adapters.items()}
         self._damping = damping if callable(damping) else (lambda index, value=damping: value)
         self._lr = lr if lr is None or callable(lr) else (lambda index, value=lr: value)
         device = next(iter(self.layers.values())).weight.device
@@ -280,19 +341,25 @@ class KroneckerPreconditioner:
         self._warned: set[str] = set()
 
     # -- the step ------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None, *, targets: Tensor | None = None) -> Tensor | None:
         """:meth:`update`, then write :meth:`directions` into the layers' ``.grad``.
 
         A layer whose gradient is not finite gets ``.grad = None``, so the optimizer leaves
         it alone. Without a closure, the gradients already in ``.grad`` are preconditioned.
 
+        Args:
+            closure: runs the forward pass, the loss and the backward pass; returns the loss.
+            targets: the batch's targets, needed by ``fisher="empirical"`` on the steps
+                that refresh the statistics (ignored by the other Fisher types).
+
         Returns:
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: if the statistics are due and no closure was given.
+            RuntimeError: if the statistics are due and no closure (or, for the empirical
+                Fisher, no targets) was given.
         """
-        loss = self.update(closure)
+        loss = self.update(closure, targets=targets)
         with torch.no_grad():
             for p, direction in self.directions().items():
                 if direction is None:
@@ -304,12 +371,13 @@ class KroneckerPreconditioner:
         return loss
 
     @torch.no_grad()
-    def update(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def update(self, closure: Callable[[], Tensor] | None = None, *, targets: Tensor | None = None) -> Tensor | None:
         """Run ``closure``; refresh the statistics and refit every ``t_stats`` steps, the
         inverses every ``t_inv`` steps (the first step does both), and count the step.
 
         Raises:
-            RuntimeError: if the statistics are due and no closure was given.
+            RuntimeError: if the statistics are due and no closure (or, for the empirical
+                Fisher, no targets) was given.
         """
         cfg = self.config
         t = self.diagnostics.steps
@@ -320,7 +388,10 @@ class KroneckerPreconditioner:
                     f"step {t} refreshes the Fisher statistics (every t_stats = {cfg.t_stats} steps) and needs "
                     "a closure that runs the forward and backward passes"
                 )
-            loss, stats = self._closure_with_statistics(closure)
+            if cfg.fisher == "empirical" and targets is None:
+                raise RuntimeError(f"step {t} refreshes the empirical Fisher and needs the batch's targets: "
+                                   "step(closure, targets=y)")
+            loss, stats = self._closure_with_statistics(closure, targets if cfg.fisher == "empirical" else None)
             self._update_curvature(stats)
         elif closure is not None:
             with torch.enable_grad():
@@ -330,36 +401,40 @@ class KroneckerPreconditioner:
         self.diagnostics.steps += 1
         return loss
 
-    def _closure_with_statistics(self, closure: Callable[[], Tensor]) -> tuple[Tensor, dict[int, BlockStats]]:
-        captured: dict[int, BlockStats] = {}
-        rows = self.config.stats_batch
+    def _closure_with_statistics(
+        self, closure: Callable[[], Tensor], targets: Tensor | None
+    ) -> tuple[Tensor, dict[int, BlockStats | SharedBlock]]:
+        cfg = self.config
+        captured: dict[int, BlockStats | SharedBlock] = {}
+        rows = cfg.stats_batch
         busy = []
         start = time.perf_counter()
-        with FisherProbe(self.model, layers=self.layers) as probe:
+        capture = BlockCapture(self.model, layers=self.layers, kfac=cfg.kfac_form)
 
-            def capture(module: nn.Module, inputs, output: Tensor) -> None:
-                # The first forward pass with a graph is the training batch.
-                if not captured and not busy and output.requires_grad:
-                    if rows is not None and rows < output.shape[0]:
-                        # Its first rows again: the probe then holds their layer inputs and
-                        # outputs, while the closure's loss keeps the whole batch's graph.
-                        busy.append(True)
-                        try:
-                            output = module(*(x[:rows] if isinstance(x, Tensor) else x for x in inputs))
-                        finally:
-                            busy.clear()
-                    captured.update(
-                        probe.capture(
-                            output,
-                            self.likelihood.sample_targets,
-                            self.likelihood.per_example_loss,
-                            fisher="mc",
-                            mc_samples=self.config.mc_samples,
-                            generator=self._generator,
-                        )
-                    )
+        def blocks(probe: BlockCapture, output: Tensor, y: Tensor | None) -> dict[int, BlockStats | SharedBlock]:
+            mc = cfg.fisher == "mc"
+            return probe.capture(output, self.likelihood, fisher=cfg.fisher, targets=y,
+                                 mc_samples=cfg.mc_samples, generator=self._generator if mc else None)
 
-            handle = self.model.register_forward_hook(capture)
+        def hook(module: nn.Module, inputs, output: Tensor) -> None:
+            # The first forward pass with a graph is the training batch.
+            if captured or busy or not output.requires_grad:
+                return
+            if rows is not None and rows < output.shape[0]:
+                # Its first rows again, under a capture of their own: the layers' inputs and
+                # outputs are theirs, while the closure's loss keeps the whole batch's graph.
+                busy.append(True)
+                try:
+                    with BlockCapture(self.model, layers=self.layers, kfac=cfg.kfac_form) as part:
+                        output = module(*(x[:rows] if isinstance(x, Tensor) else x for x in inputs))
+                        captured.update(blocks(part, output, None if targets is None else targets[:rows]))
+                finally:
+                    busy.clear()
+            else:
+                captured.update(blocks(capture, output, targets))
+
+        with capture:  # its layer hooks first: a model that is one layer runs them before ``hook``
+            handle = self.model.register_forward_hook(hook)
             try:
                 with torch.enable_grad():
                     loss = closure()
@@ -386,7 +461,7 @@ class KroneckerPreconditioner:
             self._refresh_layer(self.state[index], stats_by_layer[index], rho)
         self.diagnostics.seconds_fit += time.perf_counter() - start
 
-    def _refresh_layer(self, state: dict, stats: BlockStats, rho: float) -> None:
+    def _refresh_layer(self, state: dict, stats: BlockStats | SharedBlock, rho: float) -> None:
         """Fold one mini-batch block into a layer's running KFAC factors and approximation."""
         act_b, grad_b = stats.kfac_factors()
         if "kfac_act" in state:
@@ -398,7 +473,7 @@ class KroneckerPreconditioner:
         op = kfac if self.config.method == "kfac" else self._fit_layer(state, stats, rho, kfac)
         state["approx_act"], state["approx_grad"] = op.act, op.grad
 
-    def _fit_layer(self, state: dict, stats: BlockStats, rho: float, kfac: KronSum) -> KronSum:
+    def _fit_layer(self, state: dict, stats: BlockStats | SharedBlock, rho: float, kfac: KronSum) -> KronSum:
         cfg = self.config
         init = None
         if "warm" in state:
@@ -486,11 +561,13 @@ class KroneckerPreconditioner:
         layer with a gradient, from the gradients in ``.grad`` and the cached inverses
         (``.grad`` is not changed); None for a layer whose gradient is not finite."""
         result: dict[Tensor, Tensor | None] = {}
-        grads = {
-            index: weight_from_linear(_grad_or_zero(layer.weight), _grad_or_zero(layer.bias))
-            for index, layer in self.layers.items()
-            if layer.weight.grad is not None or layer.bias.grad is not None
-        }
+        grads = {}
+        for index, adapter in self.adapters.items():
+            params = _own_parameters(adapter)
+            if any(p.grad is not None for p in params):
+                bias = adapter.module.bias
+                grads[index] = adapter.matrix_of(_grad_or_zero(adapter.module.weight),
+                                                 None if bias is None else _grad_or_zero(bias))
         # The finiteness checks and the KL quadratic form read one number per step from the
         # device each, not one per layer.
         for index, ok in zip(list(grads), _finite_each(grads.values())):
@@ -498,7 +575,7 @@ class KroneckerPreconditioner:
                 self._warn("skipped_updates", f"the gradient of layer {index} is not finite; layer {index} is not updated")
                 self.diagnostics.skipped_updates += 1
                 del grads[index]
-                result[self.layers[index].bias] = result[self.layers[index].weight] = None
+                result.update(dict.fromkeys(_own_parameters(self.adapters[index])))
         directions: dict[int, Tensor] = {}
         solved: list[int] = []
         for index, grad in grads.items():
@@ -526,8 +603,11 @@ class KroneckerPreconditioner:
                 scale = min(1.0, math.sqrt(self.config.kl_clip / quadratic))
         self.diagnostics.kl_scale = scale
         for index, direction in directions.items():
-            layer, step = self.layers[index], scale * direction
-            result[layer.bias], result[layer.weight] = step[:, 0], step[:, 1:]
+            adapter = self.adapters[index]
+            weight, bias = adapter.parameters_of(scale * direction)
+            result[adapter.module.weight] = weight
+            if bias is not None:
+                result[adapter.module.bias] = bias
         return result
 
     # -- state ---------------------------------------------------------------------------
@@ -546,7 +626,7 @@ class KroneckerPreconditioner:
         Raises:
             ValueError: if the state's config or layers differ from this preconditioner's.
         """
-        if state_dict["config"] != asdict(self.config):
+        if saved_config(state_dict["config"]) != asdict(self.config):
             raise ValueError(
                 f"the saved preconditioner was configured as {state_dict['config']}, this one as {asdict(self.config)}"
             )
@@ -558,6 +638,12 @@ class KroneckerPreconditioner:
             self.state[index] = {key: _to(value, device) for key, value in state.items()}
         self.diagnostics = Diagnostics(**state_dict["diagnostics"])
         self._generator.set_state(state_dict["generator"].cpu())
+
+
+def saved_config(config: dict) -> dict:
+    """A saved :class:`Config` as a dict, with the defaults of the settings added since (states
+    saved before them resume)."""
+    return {"fisher": "mc", "kfac_form": "expand", **config}
 
 
 def _with_tolerance(method: str, fit_options: dict | None, fit_tol: float | None) -> dict | None:
@@ -601,6 +687,11 @@ def _finite_each(tensors: Iterable[Tensor]) -> list[bool]:
 def _finite(*tensors: Tensor | None) -> bool:
     """Whether every entry of the given tensors (None skipped) is finite (:func:`_finite_each`)."""
     return all(_finite_each(t for t in tensors if t is not None))
+
+
+def _own_parameters(adapter: LayerAdapter) -> list[Tensor]:
+    """The layer's weight and, when it has one, its bias."""
+    return [p for p in (adapter.module.weight, adapter.module.bias) if p is not None]
 
 
 def _grad_or_zero(p: Tensor) -> Tensor:

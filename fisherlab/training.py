@@ -3,7 +3,9 @@
 :func:`train` runs :class:`fisherlab.loop.Loop` for whole epochs and returns the
 :class:`~fisherlab.loop.History` (its rows are documented in :mod:`fisherlab.loop`).
 :func:`run_training` is the whole command: it loads the data, builds the model and the
-optimizer, trains, and writes into a directory
+optimizer, trains, and writes into a directory. The model, data and likelihood come from a
+problem name (:func:`fisherlab.problems.get_problem`) or from a user's ``FILE.py:FACTORY``
+(:mod:`fisherlab.factory`); the rest of the run does not depend on which.
 
 - ``history.csv``: the rows (columns :data:`~fisherlab.loop.COLUMNS`); while the run goes
   they are kept in ``history.partial.csv``, and ``history.csv`` appears only when the run
@@ -31,6 +33,7 @@ from fisherlab import __version__
 from fisherlab.device import DEFAULT_DEVICE, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.io import atomic_write
+from fisherlab.likelihoods import FISHER_TYPES, Likelihood, get_likelihood
 from fisherlab.loop import COLUMNS, Checkpoint, History, Loop, batch_indices, evaluate
 from fisherlab.optimizers import build_optimizer, optimizer_names
 from fisherlab.problems import Problem, get_problem
@@ -59,11 +62,13 @@ _RESUMABLE = {"epochs", "out", "data_dir", "cache_dir"}
 
 def train(
     model: nn.Module,
-    problem: Problem,
+    problem: Problem | Likelihood,
     optimizer: torch.optim.Optimizer,
     train_data: Tensor,
     val_data: Tensor,
     *,
+    train_targets: Tensor | None = None,
+    val_targets: Tensor | None = None,
     epochs: int,
     batch_size: int,
     seed: int = 0,
@@ -74,10 +79,13 @@ def train(
     resume: bool = False,
     stop_at: int | None = None,
 ) -> History:
-    """Train the auto-encoder ``model`` for ``epochs`` epochs and return its loss history.
+    """Train ``model`` for ``epochs`` epochs and return its loss history.
 
     Args:
+        problem: a :class:`~fisherlab.problems.Problem` or a likelihood (its
+            ``per_example_loss`` is the loss).
         train_data, val_data: one example a row, on the model's device and in its dtype.
+        train_targets, val_targets: their targets, one a row (default: the inputs, an auto-encoder).
         epochs: passes over ``train_data``.
         batch_size: examples per step (incomplete last batches are dropped).
         seed: seed of the shuffling.
@@ -96,7 +104,8 @@ def train(
         raise UserInputError(f"need epochs >= 1 and batch_size >= 1; got {epochs}, {batch_size}")
     if batch_size > train_data.shape[0]:
         raise UserInputError(f"batch size {batch_size} exceeds the {train_data.shape[0]} training examples")
-    loop = Loop(model, problem, optimizer, train_data, batch_size=batch_size,
+    loop = Loop(model, problem, optimizer, train_data, train_targets=train_targets, val_targets=val_targets,
+                batch_size=batch_size,
                 steps=epochs * (train_data.shape[0] // batch_size), seed=seed, val_data=val_data,
                 log_every=log_every, checkpoint=checkpoint, on_row=on_row, progress=progress)
     if resume and checkpoint is not None:
@@ -129,11 +138,97 @@ class TrainingRun:
     record: dict
 
 
+@dataclass
+class _Task:
+    """What a run trains: the model (built on demand), its likelihood and its data."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    likelihood: Problem | Likelihood
+    train: Tensor
+    val: Tensor
+    train_targets: Tensor | None
+    val_targets: Tensor | None
+    batch_size: int
+    provenance: dict
+    meta: dict
+
+
+def _problem_task(name: str, data_dir, cache_dir, train_subset: int | None, dev: torch.device,
+                  dtype: torch.dtype, seed: int) -> _Task:
+    """A built-in problem: ``build_model``, ``dataset``, ``batch_size``; a ``likelihood`` name if it
+    has one (else the problem is its own, as the paper's auto-encoders); the data set's
+    ``train_targets``/``val_targets`` if it has them (else the inputs are the targets)."""
+    from fisherlab.data import load_dataset
+
+    prob = get_problem(name)
+    if prob.dataset is None:
+        raise UserInputError(f"problem {prob.name!r} has no data set; use curves, mnist or faces")
+    likelihood = getattr(prob, "likelihood", None)
+    likelihood = get_likelihood(likelihood) if isinstance(likelihood, str) else prob
+    dataset = load_dataset(prob.dataset, data_dir, cache_dir)
+    subset = slice(None) if train_subset is None else slice(train_subset)
+    targets = [getattr(dataset, key, None) for key in ("train_targets", "val_targets")]
+    train_y, val_y = (None if t is None else _to(t, dev, dtype) for t in targets)
+
+    def build() -> nn.Module:
+        torch.manual_seed(seed)
+        return prob.build_model(seed=seed, dtype=dtype, device=dev)
+
+    return _Task(prob.name, build, likelihood, dataset.train[subset].to(device=dev, dtype=dtype),
+                 dataset.val.to(device=dev, dtype=dtype), None if train_y is None else train_y[subset], val_y,
+                 prob.batch_size, dataset.provenance(), dataset.meta)
+
+
+def _factory_task(spec: str, train_subset: int | None, dev: torch.device, dtype: torch.dtype, seed: int) -> _Task:
+    """A user's ``FILE.py:FACTORY`` (:mod:`fisherlab.factory`); the model is built (seeded) here,
+    and checked against the first training examples."""
+    from fisherlab.factory import dataset_tensors, load_factory
+
+    torch.manual_seed(seed)
+    made = load_factory(spec)
+    model = made.model.to(device=dev, dtype=dtype)
+    train_x, train_y = dataset_tensors(made.train_set, f"{spec}: the training set")
+    if made.validation_set is None:  # the history then reports the training loss twice
+        val_x, val_y = train_x, train_y
+    else:
+        val_x, val_y = dataset_tensors(made.validation_set, f"{spec}: the validation set")
+    if train_subset is not None:
+        train_x, train_y = train_x[:train_subset], train_y[:train_subset]
+    train_x, train_y, val_x, val_y = (_to(t, dev, dtype) for t in (train_x, train_y, val_x, val_y))
+    likelihood = get_likelihood(made.likelihood)
+    with torch.no_grad():
+        try:
+            output = model(train_x[:2])
+        except Exception as exc:  # the user's model on the user's data
+            raise UserInputError(f"{spec}: the model fails on the training inputs {tuple(train_x.shape[1:])}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(output, Tensor):
+            raise UserInputError(f"{spec}: the model must return a tensor, got {type(output).__name__}")
+        for what, targets in (("training", train_y), ("validation", val_y)):
+            try:
+                likelihood.check_targets(output, targets[:2])
+            except UserInputError as exc:
+                raise UserInputError(f"{spec}: {what} set: {exc}") from None
+    provenance = {"model": spec, "n_train": int(train_x.shape[0]), "n_val": int(val_x.shape[0])}
+    return _Task(spec, lambda: model, likelihood, train_x, val_x, train_y, val_y, min(64, train_x.shape[0]),
+                 provenance, {**provenance, "likelihood": made.likelihood,
+                              "validation": "the training set" if made.validation_set is None else "given"})
+
+
+def _to(t: Tensor, dev: torch.device, dtype: torch.dtype) -> Tensor:
+    """``t`` on ``dev``; floating point in ``dtype``, integers (class labels) as they are."""
+    return t.to(device=dev, dtype=dtype) if t.is_floating_point() else t.to(device=dev)
+
+
 def run_training(
-    problem: str,
+    problem: str | None,
     optimizer: str,
     out: str | Path,
     *,
+    model: str | None = None,
+    fisher: str = "mc",
+    kfac_form: str = "expand",
     epochs: int = 10,
     lr: float = 1e-3,
     damping: float = 1e-3,
@@ -160,15 +255,20 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainingRun:
-    """Train a benchmark auto-encoder and write its files into ``out`` (module docstring).
+    """Train a model and write its files into ``out`` (module docstring).
 
     Args:
-        problem: ``curves``, ``mnist`` or ``faces``.
-        optimizer: a name of :data:`OPTIMIZERS`; ``lr`` … ``fit_tol`` go to
-            :func:`build_optimizer` (``average`` and ``kl_form`` default to the profile's).
+        problem: a built-in problem (``curves``, ``mnist``, ``faces``, …), or None with ``model``.
+        optimizer: a name of :data:`OPTIMIZERS`; ``lr`` … ``fit_tol``, ``fisher`` and
+            ``kfac_form`` go to :func:`build_optimizer` (``average`` and ``kl_form`` default
+            to the profile's).
         out: the run directory (created if missing).
+        model: ``FILE.py:FACTORY`` (:mod:`fisherlab.factory`) instead of ``problem``; without a
+            validation set the history's validation loss is the training set's.
+        fisher: the natural gradient's Fisher type, ``mc``, ``empirical`` or ``exact``.
+        kfac_form: KFAC of the shared-weight layers, ``expand`` or ``reduce``.
         epochs: passes over the training set.
-        batch_size: default: the paper's for the problem.
+        batch_size: default: the paper's for the problem, 64 (or the training set) for a factory.
         train_subset: use only the first N training examples.
         log_every: also log every N steps (0: per epoch only).
         seed: seed of the weights, the batch order and the Monte-Carlo targets.
@@ -180,18 +280,19 @@ def run_training(
         progress: show a progress bar.
 
     Raises:
-        UserInputError: for invalid settings, a finished run in ``out`` without ``force`` or
-            ``resume``, or a checkpoint saved with other settings; nothing is changed on disk then.
+        UserInputError: for invalid settings, a factory that fails or returns the wrong kind of
+            thing, targets that do not fit the likelihood, a finished run in ``out`` without
+            ``force`` or ``resume``, or a checkpoint saved with other settings; nothing is
+            changed on disk then.
     """
-    from fisherlab.data import load_dataset
-
-    prob = get_problem(problem)
-    if prob.dataset is None:
-        raise UserInputError(f"problem {prob.name!r} has no data set; use curves, mnist or faces")
+    if (problem is None) == (model is None):
+        raise UserInputError("give one of a problem name and a model factory (FILE.py:FACTORY)")
     if optimizer not in OPTIMIZERS:
         raise UserInputError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if fisher not in FISHER_TYPES:
+        raise UserInputError(f"unknown Fisher type {fisher!r}; choose from {', '.join(FISHER_TYPES)}")
     if log_every < 0:
         raise UserInputError(f"log_every must be nonnegative, got {log_every}")
     if force and resume:
@@ -206,18 +307,19 @@ def run_training(
     if (out / HISTORY).exists() and not (force or resume):
         raise UserInputError(f"{out / HISTORY} exists; pass --force to overwrite it or --resume to continue it")
     dev = resolve_device(device)
-
-    dataset = load_dataset(prob.dataset, data_dir, cache_dir)
     torch_dtype = DTYPES[dtype]
-    train_data = dataset.train if train_subset is None else dataset.train[:train_subset]
-    train_data = train_data.to(device=dev, dtype=torch_dtype)
-    val_data = dataset.val.to(device=dev, dtype=torch_dtype)
-    batch_size = batch_size or prob.batch_size
+    if model is None:
+        task = _problem_task(problem, data_dir, cache_dir, train_subset, dev, torch_dtype, seed)
+    else:
+        task = _factory_task(model, train_subset, dev, torch_dtype, seed)
+    train_data, val_data = task.train, task.val
+    batch_size = batch_size or task.batch_size
     if stats_batch is not None and stats_batch > batch_size:
         raise UserInputError(f"the statistics batch {stats_batch} exceeds the batch size {batch_size}")
 
     settings = {
-        "problem": prob.name, "optimizer": optimizer, "out": str(out), "epochs": epochs, "lr": lr,
+        "problem": None if model is not None else task.name, "optimizer": optimizer, "out": str(out),
+        "epochs": epochs, "lr": lr,
         "damping": damping, "clip": clip, "t1": t1, "t2": t2, "momentum": momentum, "weight_decay": weight_decay,
         "average": average, "mc_samples": mc_samples, "profile": profile, "kl_form": kl_form,
         "stats_batch": stats_batch, "fit_tol": fit_tol, "batch_size": batch_size, "train_subset": train_subset,
@@ -225,18 +327,23 @@ def run_training(
         "data_dir": None if data_dir is None else str(data_dir),
         "cache_dir": None if cache_dir is None else str(cache_dir), "n_train": int(train_data.shape[0]),
     }
+    # Only where they differ from the defaults: the checkpoints of earlier runs stay resumable.
+    settings.update({k: v for k, v, default in (("model", model, None), ("fisher", fisher, "mc"),
+                                                ("kfac_form", kfac_form, "expand")) if v != default})
     checkpoint = Checkpoint(
         out / CHECKPOINT,
-        {**{k: v for k, v in settings.items() if k not in _RESUMABLE}, "dataset": dataset.provenance()},
+        {**{k: v for k, v in settings.items() if k not in _RESUMABLE}, "dataset": task.provenance},
     )
     if resume:  # refuse other settings or fewer epochs before anything is changed
         _resumable(checkpoint, dev, epochs * (train_data.shape[0] // batch_size), epochs)
+    if batch_size > train_data.shape[0]:
+        raise UserInputError(f"batch size {batch_size} exceeds the {train_data.shape[0]} training examples")
 
-    torch.manual_seed(seed)
-    model = prob.build_model(seed=seed, dtype=torch_dtype, device=dev)
-    opt = build_optimizer(optimizer, model, prob, lr=lr, damping=damping, clip=clip, t1=t1, t2=t2, momentum=momentum,
-                          weight_decay=weight_decay, average=average, mc_samples=mc_samples, seed=seed,
-                          profile=profile, kl_form=kl_form, stats_batch=stats_batch, fit_tol=fit_tol)
+    net = task.build()
+    opt = build_optimizer(optimizer, net, task.likelihood, lr=lr, damping=damping, clip=clip, t1=t1, t2=t2,
+                          momentum=momentum, weight_decay=weight_decay, average=average, mc_samples=mc_samples,
+                          seed=seed, profile=profile, kl_form=kl_form, stats_batch=stats_batch, fit_tol=fit_tol,
+                          fisher=fisher, kfac_form=kfac_form)
     out.mkdir(parents=True, exist_ok=True)
     (out / HISTORY).unlink(missing_ok=True)
     if force:
@@ -248,9 +355,10 @@ def run_training(
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "settings": settings,
-        "dataset": dataset.meta,
+        "dataset": task.meta,
     }
-    history = train(model, prob, opt, train_data, val_data, epochs=epochs, batch_size=batch_size, seed=seed,
+    history = train(net, task.likelihood, opt, train_data, val_data, train_targets=task.train_targets,
+                    val_targets=task.val_targets, epochs=epochs, batch_size=batch_size, seed=seed,
                     log_every=log_every, progress=progress, on_row=lambda h: h.write_csv(partial),
                     checkpoint=checkpoint, resume=resume)
     diagnostics = getattr(opt, "diagnostics", None)

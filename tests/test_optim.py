@@ -440,18 +440,18 @@ def test_moving_average_weight_follows_min_one_minus_one_over_k_and_alpha():
     model = SMALL.build_model(seed=0)
     opt = NaturalGradient(model, SMALL, decay=0.6, t_stats=1, t_inv=1, lr=1e-3, damping=1e-2)
     seen = []
-    original = precondition_module.FisherProbe.capture
+    original = precondition_module.BlockCapture.capture
 
     def spy(self, *args, **kwargs):
         stats = original(self, *args, **kwargs)
         seen.append(stats[1].kfac_factors()[0])
         return stats
 
-    precondition_module.FisherProbe.capture = spy
+    precondition_module.BlockCapture.capture = spy
     try:
         _run(opt, model, _batches(4))
     finally:
-        precondition_module.FisherProbe.capture = original
+        precondition_module.BlockCapture.capture = original
     running = seen[0]
     for k, batch in enumerate(seen[1:], start=2):
         rho = min(1 - 1 / k, 0.6)

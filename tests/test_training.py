@@ -170,10 +170,10 @@ def test_train_command_profile_and_new_settings_reach_the_optimizer(tmp_path, ti
 def _interrupt_at(monkeypatch, at_step):
     original = fisherlab.loop.Loop._one_step
 
-    def one_step(self, x, keeps_history):
+    def one_step(self, *args):
         if self.step == at_step:
             raise KeyboardInterrupt
-        return original(self, x, keeps_history)
+        return original(self, *args)
 
     monkeypatch.setattr(fisherlab.loop.Loop, "_one_step", one_step)
 

@@ -1,4 +1,5 @@
-"""``fisherlab train``: train a benchmark auto-encoder and log its loss history.
+"""``fisherlab train``: train a built-in problem (``--problem``) or a user's model
+(``--model FILE.py:FACTORY``) and log its loss history.
 
 Writes into ``--out DIR`` ``history.csv``, ``run.json`` and ``checkpoint.pt``
 (:func:`fisherlab.training.run_training`); ``--resume`` continues an interrupted run.
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 from fisherlab.device import DEFAULT_DEVICE, DEVICE_HELP
+from fisherlab.kron.shared import KFAC_FORMS
+from fisherlab.likelihoods import FISHER_TYPES
 from fisherlab.optim import KL_FORMS, PROFILES
 from fisherlab.precondition import AVERAGES
 from fisherlab.training import OPTIMIZERS
@@ -43,7 +46,11 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fisherlab train``."""
-    parser.add_argument("--problem", required=True, help="curves, mnist or faces")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--problem", help="a built-in problem: curves, mnist, faces, …")
+    source.add_argument("--model", metavar="FILE.py:FACTORY",
+                        help="FACTORY() returns (model, train_set[, validation_set], likelihood): an nn.Module, "
+                             "data sets of (input, target) pairs and gaussian, bernoulli or categorical")
     parser.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--epochs", type=_positive_int, default=10)
@@ -63,12 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--average", choices=AVERAGES, default=None,
                         help="moving average of the block or of each factor; default: the profile's")
     parser.add_argument("--mc-samples", type=_positive_int, default=1, help="targets drawn per input (k)")
+    parser.add_argument("--fisher", choices=FISHER_TYPES, default="mc",
+                        help="natural gradient's Fisher: mc (targets drawn from the model), empirical (the data's "
+                             "targets) or exact (one backward pass per column of the loss Hessian's square root)")
+    parser.add_argument("--kfac-form", choices=KFAC_FORMS, default="expand",
+                        help="KFAC of weight-sharing layers (convolutions, Linear on sequences): expand "
+                             "(Grosse & Martens) or reduce (Eschenhagen et al.)")
     parser.add_argument("--stats-batch", type=_positive_int, default=None,
                         help="curvature statistics from the first N rows of each batch (the authors' code: B/4); "
                              "default: the whole batch")
     parser.add_argument("--fit-tol", type=_positive_float, default=None,
                         help="tolerance of the optimizer's iterative fits (not kfac); default: the method's")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the paper's for the problem")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="default: the paper's for the problem, 64 for a --model")
     parser.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--log-every", type=int, default=0, help="also log every N steps (0: per epoch only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = run_training(
-            args.problem, args.optimizer, args.out, epochs=args.epochs, lr=args.lr, damping=args.damping,
+            args.problem, args.optimizer, args.out, model=args.model, fisher=args.fisher, kfac_form=args.kfac_form,
+            epochs=args.epochs, lr=args.lr, damping=args.damping,
             clip=args.clip, t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay,
             average=args.average, mc_samples=args.mc_samples, profile=args.profile, kl_form=args.kl_form,
             stats_batch=args.stats_batch, fit_tol=args.fit_tol, batch_size=args.batch_size,
@@ -104,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     final = result.history.rows[-1]
     status = "diverged" if result.history.diverged else "done"
     print(
-        f"{status}: {args.optimizer} on {result.record['settings']['problem']}, epoch {final['epoch']}, "
+        f"{status}: {args.optimizer} on {args.problem or args.model}, epoch {final['epoch']}, "
         f"train {final['train_loss']:.4f}, val {final['val_loss']:.4f}, {final['seconds']:.1f} s "
         f"-> {result.out / 'history.csv'}"
     )
