@@ -100,12 +100,13 @@ class History:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, problem: Problem, data: Tensor, chunk: int = 4096) -> float:
-    """Mean per-example loss of the auto-encoder on ``data`` (targets = inputs)."""
+def evaluate(model: nn.Module, problem: Problem, data: Tensor, chunk: int = 4096, targets: Tensor | None = None) -> float:
+    """Mean per-example loss on ``data`` with ``targets`` (default: the inputs, an auto-encoder)."""
     total = 0.0
     for start in range(0, data.shape[0], chunk):
         x = data[start : start + chunk]
-        total += float(problem.per_example_loss(model(x), x).sum())
+        y = x if targets is None else targets[start : start + chunk]
+        total += float(problem.per_example_loss(model(x), y).sum())
     return total / data.shape[0]
 
 
@@ -119,8 +120,10 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 class Hook:
     """What a :class:`Loop` calls at every step; the default methods do nothing extra."""
 
-    def forward(self, model: nn.Module, x: Tensor, step: int) -> Tensor:
-        """The forward pass of step ``step`` (updates taken so far) on batch ``x``."""
+    def forward(self, model: nn.Module, x: Tensor, step: int, target: Tensor | None = None) -> Tensor:
+        """The forward pass of step ``step`` (updates taken so far) on batch ``x``; ``target``,
+        the batch's targets, is passed only where the data have targets of their own (not
+        for an auto-encoder, whose targets are ``x``), so hooks written for auto-encoders work."""
         return model(x)
 
     def after_step(self, step: int, epoch: int, loss: float) -> bool:
@@ -188,6 +191,8 @@ class Loop:
         steps: optimizer steps in the run.
         seed: seed of the batch order.
         val_data: validation examples; given, the loop keeps a :class:`History`.
+        train_targets, val_targets: the targets of the examples, row for row (default: the
+            examples themselves, an auto-encoder), on the same device.
         log_every: also log a history row every this many steps (0: at epoch ends only).
         hook: the per-step :class:`Hook`.
         checkpoint: where to save the state to resume from (None: no checkpoints).
@@ -210,6 +215,8 @@ class Loop:
         steps: int,
         seed: int = 0,
         val_data: Tensor | None = None,
+        train_targets: Tensor | None = None,
+        val_targets: Tensor | None = None,
         log_every: int = 0,
         hook: Hook | None = None,
         checkpoint: Checkpoint | None = None,
@@ -223,6 +230,7 @@ class Loop:
             raise UserInputError(f"batch size {batch_size} exceeds the {train_data.shape[0]} training examples")
         self.model, self.problem, self.optimizer = model, problem, optimizer
         self.train_data, self.val_data = train_data, val_data
+        self.train_targets, self.val_targets = train_targets, val_targets
         self.batch_size, self.steps, self.log_every = batch_size, steps, log_every
         self.steps_per_epoch = train_data.shape[0] // batch_size
         self.hook = hook or Hook()
@@ -234,6 +242,7 @@ class Loop:
         self.step = 0  # updates taken
         self.seconds = 0.0
         self._batch_losses: list[float] = []  # since the last history row
+        self._targets: Tensor | None = None  # the current batch's targets (None: the inputs)
         self._last_loss: float | None = None
         self._stopped = False  # diverged: a non-finite batch loss, or training loss at an epoch's end
         # The generator's state at the start of the current epoch: the rest of the epoch's
@@ -297,7 +306,9 @@ class Loop:
                 for position, index in enumerate(batch_indices(self.train_data.shape[0], self.batch_size, self.generator)):
                     if position < skip:
                         continue
-                    asked = self._one_step(self.train_data[index.to(self.device)], keeps_history)
+                    index = index.to(self.device)
+                    self._targets = None if self.train_targets is None else self.train_targets[index]
+                    asked = self._one_step(self.train_data[index], keeps_history)
                     logged = keeps_history and self._log_due()
                     bar.set_postfix(self._postfix(), refresh=False)
                     bar.update()
@@ -315,11 +326,12 @@ class Loop:
         return self.history
 
     def _one_step(self, x: Tensor, keeps_history: bool) -> bool:
-        step, model, problem, optimizer = self.step, self.model, self.problem, self.optimizer
+        step, model, problem, optimizer, y = self.step, self.model, self.problem, self.optimizer, self._targets
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = problem.loss(self.hook.forward(model, x, step), x)
+            output = self.hook.forward(model, x, step) if y is None else self.hook.forward(model, x, step, y)
+            loss = problem.loss(output, x if y is None else y)
             loss.backward()
             return loss
 
@@ -359,8 +371,8 @@ class Loop:
             "epoch": 0 if self.step == 0 else (self.step - 1) // self.steps_per_epoch + 1,
             "step": self.step,
             "seconds": self.seconds,
-            "train_loss": evaluate(model, self.problem, self.train_data),
-            "val_loss": evaluate(model, self.problem, self.val_data),
+            "train_loss": evaluate(model, self.problem, self.train_data, targets=self.train_targets),
+            "val_loss": evaluate(model, self.problem, self.val_data, targets=self.val_targets),
             "batch_loss": sum(self._batch_losses) / len(self._batch_losses) if self._batch_losses else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
