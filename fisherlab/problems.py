@@ -406,8 +406,54 @@ def check_targets(model: nn.Module, likelihood, inputs: torch.Tensor, targets: t
         raise UserInputError(f"{name}: {exc}") from None
 
 
-#: Built-in networks beyond the paper's MLPs (the data set they train on is loaded by ``load``).
-TASKS: dict[str, Callable[[int, str | None], Task]] = {}
+def lenet5() -> nn.Module:
+    """LeNet-5 for 28 × 28 MNIST: conv 5×5 (6, padding 2) → max-pool → conv 5×5 (16) → max-pool →
+    Linear 400-120-84-10, ReLU; torch's default initialization."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # 28 → 28 → 14
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # 14 → 10 → 5
+        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )
+
+
+def conv_autoencoder() -> nn.Module:
+    """The paper authors' convolutional auto-encoder as issue 12 describes it: Conv2d 1→6 and 6→16
+    (5 × 5, no padding), ConvTranspose2d 16→6 and 6→1 back, LeakyReLU(0.2) between them; the
+    output is the logit of a Bernoulli (sigmoid output, binary cross-entropy)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.LeakyReLU(0.2),  # 28 → 24
+        nn.Conv2d(6, 16, 5), nn.LeakyReLU(0.2),  # 24 → 20
+        nn.ConvTranspose2d(16, 6, 5), nn.LeakyReLU(0.2),  # 20 → 24
+        nn.ConvTranspose2d(6, 1, 5),  # 24 → 28
+    )
+
+
+def _mnist_task(name: str, build: Callable[[], nn.Module], likelihood: str, classifier: bool):
+    def load(seed: int, data_dir: str | None = None) -> Task:
+        from fisherlab.data import load_dataset
+        from fisherlab.data.mnist import load_mnist_labels
+
+        data = load_dataset("mnist", data_dir)
+        x, val = data.train.reshape(-1, 1, 28, 28), data.val.reshape(-1, 1, 28, 28)
+        if classifier:
+            labels, val_labels = (torch.from_numpy(v.astype("int64")) for v in load_mnist_labels(data_dir))
+            y, val_y = labels, val_labels
+        else:
+            y, val_y = x, val
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+        return Task(name, model, likelihood, x, y, val, val_y, batch_size=512,
+                    meta={**data.provenance(), **({"labels": "train-labels-idx1-ubyte"} if classifier else {})})
+
+    return load
+
+
+#: Built-in networks beyond the paper's MLPs: name → loader ``(seed, data_dir) -> Task``.
+TASKS: dict[str, Callable[[int, str | None], Task]] = {
+    "mnist-cnn": _mnist_task("mnist-cnn", lenet5, "categorical", classifier=True),
+    "mnist-cnn-ae": _mnist_task("mnist-cnn-ae", conv_autoencoder, "bernoulli", classifier=False),
+}
 
 
 def get_task(name: str) -> Callable[[int, str | None], Task] | None:
