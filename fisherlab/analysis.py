@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from fisherlab.errors import UserInputError
 from fisherlab.io import atomic_write
 from fisherlab.kron import METHODS, ExactReference, FitResult, current_name, fit, kronecker_svd
-from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
+from fisherlab.kron.shared import KFAC_FORMS
 from fisherlab.kron.stats import BlockStats
 from fisherlab.store import RunReader
 
@@ -56,8 +56,9 @@ from fisherlab.store import RunReader
 DEFAULT_METHODS = tuple(METHODS)
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
-#: Rows of KFAC in the form a shared-weight layer was not recorded in (docs/design.md §9.4):
-#: ``kfac`` is the recorded form, ``kfac_expand`` or ``kfac_reduce`` the other one.
+#: Rows of KFAC in the form a shared-weight layer was not recorded in, where its factors were
+#: stored too (``record(kfac_both=True)``, docs/design.md §9.4): ``kfac`` is the recorded
+#: form, ``kfac_expand`` or ``kfac_reduce`` the other one.
 KFAC_VARIANTS = {form: f"kfac_{form}" for form in KFAC_FORMS}
 #: Columns of ``errors.csv`` (docs/design.md §6).
 COLUMNS = (
@@ -211,7 +212,7 @@ def _pending(reader: RunReader, settings: _Settings, step: int, layer: int) -> t
     spec = reader.layer_specs[layer]
     methods = list(settings.methods)
     if spec.shared and "kfac" in methods:
-        methods += [KFAC_VARIANTS[form] for form in KFAC_FORMS if form != spec.kfac_form]
+        methods += [KFAC_VARIANTS[form] for form in reader.kfac_forms(step, layer) if form != spec.kfac_form]
     return [m for m in methods if not _done(reader, step, layer, m)], not _done(reader, step, layer, EXACT)
 
 
@@ -270,9 +271,7 @@ def _analyze_block(
     for method in todo:
         form = _variant_form(method)
         block = stats
-        if form is not None:  # KFAC in the form the layer was not recorded in, where it was computed
-            if not isinstance(stats, SharedBlock) or form not in _forms(stats):
-                continue
+        if form is not None:  # KFAC in the form the layer was not recorded in (its factors are stored)
             block = stats.with_kfac(form)
         init = warm.pop(method, None) if settings.warm_start else None
         report = None if progress is None else partial(progress, method=method)
@@ -306,18 +305,6 @@ def _analyze_block(
         if result.warm is not None:
             warm[method] = result
     return results, warm
-
-
-def _forms(block: SharedBlock) -> list[str]:
-    """The KFAC forms whose factors a shared block holds (``kfac_forms`` when it was made)."""
-    forms = []
-    for form in KFAC_FORMS:
-        try:
-            block.kfac_factors(form)
-        except ValueError:
-            continue
-        forms.append(form)
-    return forms
 
 
 def _write(reader: RunReader, step: int, layer: int, results: list[Result]) -> None:

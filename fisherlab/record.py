@@ -215,7 +215,11 @@ class Recorder(Hook):
         mc_samples: target draws per example for ``"mc"``.
         seed: the run's seed; step ``s`` draws its targets from a generator seeded from
             ``(seed, s)``.
-        kfac: the KFAC form recorded for shared-weight layers (both are computed and stored).
+        kfac: the KFAC form recorded for shared-weight layers.
+        kfac_both: also compute and store the other form's factors, for analysis to compare
+            them; None (default): only where ``kfac`` is ``"expand"``, whose activation factor
+            is the costly one, so that adding reduce's costs little (LeNet-5:
+            benchmarks/results/bench_record_cnn.txt).
 
     Raises:
         UserInputError: a module couples the samples (BatchNorm in training mode), or bad layers.
@@ -237,9 +241,11 @@ class Recorder(Hook):
         mc_samples: int = 1,
         seed: int = 0,
         kfac: str = "expand",
+        kfac_both: bool | None = None,
     ):
         self.likelihood = likelihood
-        self.capture = BlockCapture(model, list(layers), kfac=kfac, kfac_forms=KFAC_FORMS)
+        both = kfac == "expand" if kfac_both is None else kfac_both
+        self.capture = BlockCapture(model, list(layers), kfac=kfac, kfac_forms=KFAC_FORMS if both else None)
         self.writer, self.every, self.dense_budget = writer, every, dense_budget
         self.fisher = fisher
         self.mc_samples = mc_samples
@@ -363,6 +369,7 @@ def record(
     progress: bool = True,
     model: str | None = None,
     kfac: str = "expand",
+    kfac_both: bool | None = None,
 ) -> Path:
     """Train ``problem`` (or the user's ``model``) and record the Fisher blocks of its layers into ``out``.
 
@@ -406,8 +413,10 @@ def record(
         progress: show a progress bar (step, loss, ETA).
         model: ``FILE.py:FACTORY`` (:func:`fisherlab.problems.load_factory`): any network, its
             data and likelihood, trained instead of ``problem``.
-        kfac: the KFAC form recorded for weight-sharing layers, ``"expand"`` or ``"reduce"``
-            (both forms' factors are stored; analysis reports both).
+        kfac: the KFAC form recorded for weight-sharing layers, ``"expand"`` or ``"reduce"``.
+        kfac_both: also store the other form's factors, which analysis then reports as a
+            ``kfac_reduce`` or ``kfac_expand`` row (docs/design.md §9.4); None (default): only
+            with ``kfac="expand"``, where reduce's factors cost little (as :class:`Recorder`).
 
     Returns:
         The run file's path.
@@ -456,7 +465,7 @@ def record(
         return _record_task(task, out, optimizer=optimizer, lr=float(lr), batch_size=batch_size, epochs=epochs,
                             steps=steps, every=int(every), layers=layers, fisher=fisher, mc_samples=int(mc_samples),
                             budget=budget, seed=int(seed), dev=dev, force=force, resume=resume,
-                            compression=compression, progress=progress, kfac=kfac)
+                            compression=compression, progress=progress, kfac=kfac, kfac_both=kfac_both)
     prob = get_problem(problem, linear_code=bool(linear_code))
     chosen = parse_layers(layers, prob.num_layers)
 
@@ -542,7 +551,8 @@ def _run(recorder: Recorder, loop: Loop, checkpoint: Checkpoint, out: Path, conf
 
 def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size: int | None, epochs: int | None,
                  steps: int | None, every: int, layers, fisher: str, mc_samples: int, budget: int, seed: int,
-                 dev: torch.device, force: bool, resume: bool, compression: str, progress: bool, kfac: str) -> Path:
+                 dev: torch.device, force: bool, resume: bool, compression: str, progress: bool, kfac: str,
+                 kfac_both: bool | None) -> Path:
     """:func:`record` for a :class:`~fisherlab.problems.Task` (any network, inputs with targets)."""
     net = task.model.to(dev)
     num_layers = len(BlockCapture(net).layers)
@@ -568,6 +578,7 @@ def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size
         "fisher_type": fisher,
         "mc_samples": mc_samples,
         "kfac": kfac,
+        "kfac_both": kfac == "expand" if kfac_both is None else bool(kfac_both),
         "every": every,
         "layers": chosen,
         "dataset": task.meta,
@@ -578,7 +589,7 @@ def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size
     config = json.loads(json.dumps(config, sort_keys=True, default=str))
     checkpoint = Checkpoint(checkpoint_path(out), config)
     recorder = Recorder(net, task.likelihood, chosen, every=every, dense_budget=budget, fisher=fisher,
-                        mc_samples=mc_samples, seed=seed, kfac=kfac)
+                        mc_samples=mc_samples, seed=seed, kfac=kfac, kfac_both=kfac_both)
     x, y = task.train_inputs.to(dev), task.train_targets.to(dev)
     loop = Loop(net, task, opt, x, train_targets=y, batch_size=batch_size, steps=steps, seed=seed, hook=recorder,
                 checkpoint=checkpoint, checkpoint_interval=CHECKPOINT_INTERVAL_S, progress=progress)

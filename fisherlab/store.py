@@ -82,7 +82,7 @@ from torch import Tensor
 from fisherlab import __version__
 from fisherlab.errors import StoreFormatError, UserInputError
 from fisherlab.kron import BlockStats
-from fisherlab.kron.shared import SharedBlock
+from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
 
 FORMAT = "fisherlab.run"
 FORMAT_VERSION = 2
@@ -570,6 +570,11 @@ class RunReader:
             except ValueError as exc:
                 raise StoreFormatError(f"{self.path}: step {step}, layer {layer} is damaged ({exc})") from exc
         return BlockStats(_tensor(group["a"], dtype, device), _tensor(group["g"], dtype, device))
+
+    def kfac_forms(self, step: int, layer: int) -> list[str]:
+        """The KFAC forms whose factors a shared block stores (reads no array); [] for a BlockStats."""
+        group = self._layer_group(step, layer)
+        return [form for form in KFAC_FORMS if f"kfac_{form}_act" in group]
 
     def dense(
         self, step: int, layer: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"

@@ -59,6 +59,7 @@ def study(
     analysis: dict | None = None,
     model: str | None = None,
     kfac: str = "expand",
+    kfac_both: bool | None = None,
 ) -> Study:
     """Record ``problem`` with Adam, analyze every recorded block, draw the figures.
 
@@ -74,7 +75,7 @@ def study(
         progress: show progress bars.
         say: called with a line at the start of each stage.
         analysis: options of :func:`fisherlab.analysis.analyze` (``methods``, ``rank``, ``layers`` ...).
-        model, kfac: as in :func:`fisherlab.record.record`; with ``model`` (or a built-in network
+        model, kfac, kfac_both: as in :func:`fisherlab.record.record`; with ``model`` (or a built-in network
             such as ``mnist-cnn``) every layer is recorded unless ``layers`` says otherwise.
 
     Raises:
@@ -104,7 +105,7 @@ def study(
         problem, run_file, optimizer="adam", lr=lr, batch_size=batch_size, steps=steps, every=every,
         layers=layers or ("all" if network else preset["layers"]), fisher=fisher, mc_samples=mc_samples,
         dense_budget=dense_budget, seed=seed, data_dir=data_dir, device=dev, force=force, resume=resume,
-        progress=progress, model=model, kfac=kfac,
+        progress=progress, model=model, kfac=kfac, kfac_both=kfac_both,
     )
     say("[2/3] analyze: every method on every recorded step and layer")
     table = analyze(run_file, out_dir=out, device=dev, progress=progress, **(analysis or {}))

@@ -18,7 +18,7 @@ EXAMPLE = str(Path(__file__).parent.parent / "examples" / "small_cnn.py") + ":bu
 def analyzed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cnn")
     run = folder / "run.h5"
-    record(model=EXAMPLE, out=run, steps=4, every=3, batch_size=16, progress=False, kfac="expand")
+    record(model=EXAMPLE, out=run, steps=4, every=3, batch_size=16, progress=False)  # expand, with reduce's factors
     table = analyze(run, progress=False)
     return run, read_table(table)
 
@@ -60,3 +60,13 @@ def test_a_second_analysis_has_nothing_to_do(analyzed):
     analyze(run, progress=False)
     with RunReader(run) as reader:
         assert reader.analysis_keys() == keys
+
+
+def test_one_recorded_form_gives_no_variant_row(tmp_path):
+    run = tmp_path / "run.h5"
+    record(model=EXAMPLE, out=run, steps=1, batch_size=16, progress=False, kfac="reduce")
+    with RunReader(run) as reader:
+        assert reader.kfac_forms(0, 1) == ["reduce"] and reader.kfac_forms(0, 3) == []
+        assert reader.config["kfac_both"] is False
+    rows = read_table(analyze(run, progress=False, methods=["kfac"]))
+    assert {r["method"] for r in rows} == {"kfac"} and len(rows) == 3

@@ -72,8 +72,8 @@ def test_load_factory_of_the_example():
 def test_recorded_blocks_are_the_captured_ones(tmp_path, fisher):
     """The file holds what BlockCapture gives at step 0 on the first batch of the same order."""
     out = tmp_path / "run.h5"
-    record(model=EXAMPLE, out=out, steps=1, every=1, batch_size=32, fisher=fisher, kfac="reduce", progress=False,
-           dense_budget="1MB")
+    record(model=EXAMPLE, out=out, steps=1, every=1, batch_size=32, fisher=fisher, kfac="reduce", kfac_both=True,
+           progress=False, dense_budget="1MB")
     task = load_factory(EXAMPLE, seed=0)
     index = torch.randperm(512, generator=torch.Generator().manual_seed(0))[:32]
     x, y = task.train_inputs[index], task.train_targets[index]
@@ -91,6 +91,7 @@ def test_recorded_blocks_are_the_captured_ones(tmp_path, fisher):
         assert [s.positions for s in specs.values()] == [100, 9, 1]
         assert [s.bias for s in specs.values()] == [True, False, True]
         assert specs[1].kernel == (3, 3) and specs[1].kfac_form == "reduce"
+        assert reader.kfac_forms(0, 1) == ["expand", "reduce"]
         assert reader.config["likelihood"] == "categorical" and reader.config["fisher_type"] == fisher
         for layer, block in blocks.items():
             got = reader.stats(0, layer, torch.float32)
@@ -180,3 +181,28 @@ def test_cli_end_to_end_record_analyze_plot(tmp_path, capsys):
     assert main(["plot", str(out), "--layer", "2", "--out", str(tmp_path / "figures")]) == 0
     assert any(p.suffix in (".png", ".pdf", ".svg") for p in (tmp_path / "figures").iterdir())
 
+
+
+def test_resumed_model_run_equals_an_uninterrupted_one(tmp_path):
+    """load_factory seeds the weights, so a resumed --model run continues the same trajectory."""
+    whole, cut = tmp_path / "whole.h5", tmp_path / "cut.h5"
+    record(model=EXAMPLE, out=whole, steps=8, every=2, batch_size=32, progress=False)
+    record(model=EXAMPLE, out=cut, steps=4, every=2, batch_size=32, progress=False)
+    record(model=EXAMPLE, out=cut, steps=8, every=2, batch_size=32, progress=False, resume=True)
+    with RunReader(whole) as a, RunReader(cut) as b:
+        assert a.steps() == b.steps() == [0, 2, 4, 6]
+        for step in a.steps():
+            assert a.step_attrs(step) == b.step_attrs(step)
+            for layer in a.layers:
+                assert torch.equal(a.stats(step, layer).kernel_matrix(), b.stats(step, layer).kernel_matrix())
+
+
+def test_cli_study_with_a_model(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", "--model", EXAMPLE, "--out", str(out), "--steps", "4", "--every", "2", "--batch-size", "32",
+                 "--kfac", "reduce", "--kfac-both", "--quiet", "--methods", "kfac,kronecker_svd"]) == 0
+    with RunReader(out / "run.h5") as reader:
+        assert list(reader.layers) == [1, 2, 3] and reader.config["kfac"] == "reduce"
+    table = (out / "errors.csv").read_text()
+    assert ",kfac_expand," in table and ",kfac_reduce," not in table
+    assert any((out / "figures").iterdir())

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         fisher=args.fisher, mc_samples=args.mc_samples, batch_size=args.batch_size, lr=args.lr,
         dense_budget=args.dense_budget, seed=args.seed, data_dir=args.data_dir, device=args.device,
         plot_layer=args.plot_layer, force=args.force, resume=args.resume, progress=not args.quiet, say=print,
-        analysis=analysis_kwargs(args), model=args.model, kfac=args.kfac,
+        analysis=analysis_kwargs(args), model=args.model, kfac=args.kfac, kfac_both=args.kfac_both,
     )
     print(f"run file: {result.run_file}\nerrors table: {result.table}\n"
           f"figures ({len(result.figures)}): {result.out / 'figures'}")
