@@ -39,10 +39,10 @@ This survives a killed process, not a power cut (no fsync). The default ``libver
 deliberate: with ``libver="latest"`` HDF5 marks the file open-for-write in its superblock
 and refuses to open it after a kill until ``h5clear`` is run on it.
 
-Precision: ``a``, ``g`` and ``fisher`` are float32 (the contract), except that statistics
+Precision: the recorded datasets are float32 (the contract), except that statistics
 recorded in float64 are kept in float64, so that no digit is lost where one was asked for.
 
-Compression: ``a``, ``g`` and ``fisher`` are compressed in chunks of whole rows of about
+Compression: the recorded datasets are compressed in chunks of whole rows (first index) of about
 :data:`CHUNK_BYTES` (h5py's own chunk guess is a few kB for these shapes, which slows the
 writes). ``compression`` picks the filter; every option reads back bit for bit:
 

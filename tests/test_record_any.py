@@ -206,3 +206,16 @@ def test_cli_study_with_a_model(tmp_path, capsys):
     table = (out / "errors.csv").read_text()
     assert ",kfac_expand," in table and ",kfac_reduce," not in table
     assert any((out / "figures").iterdir())
+
+
+def test_a_format_1_run_resumes_and_keeps_its_version(tmp_path):
+    old = tmp_path / "run.h5"
+    shutil.copy(V1_FILE, old)
+    record("8-4-8", old, steps=5, every=1, batch_size=16, progress=False, compression="gzip", resume=True)
+    whole = tmp_path / "whole.h5"
+    record("8-4-8", whole, steps=5, every=1, batch_size=16, progress=False, compression="gzip")
+    with RunReader(old) as a, RunReader(whole) as b:
+        assert a.attrs["format_version"] == 1 and a.steps() == b.steps() == [0, 1, 2, 3, 4]
+        for step in a.steps():
+            for layer in a.layers:
+                assert torch.equal(a.stats(step, layer).g, b.stats(step, layer).g)
