@@ -336,6 +336,7 @@ def load_factory(spec: str, seed: int = 0) -> Task:
             the model's output, or a module that couples the samples (BatchNorm in training mode).
     """
     import importlib.util
+    import sys
     from pathlib import Path
 
     from fisherlab.layers import coupling_module
@@ -351,6 +352,7 @@ def load_factory(spec: str, seed: int = 0) -> Task:
     if module_spec is None or module_spec.loader is None:
         raise UserInputError(f"cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # what dataclasses and pickling in the file look up
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -461,6 +461,8 @@ def record(
     out = Path(out)
     _check_output(out, force, resume)
     if model is not None or get_task(problem) is not None:
+        if linear_code:
+            raise UserInputError("linear_code applies to the paper's MLP auto-encoders only")
         task = load_factory(model, int(seed)) if model is not None else get_task(problem)(int(seed), data_dir)
         return _record_task(task, out, optimizer=optimizer, lr=float(lr), batch_size=batch_size, epochs=epochs,
                             steps=steps, every=int(every), layers=layers, fisher=fisher, mc_samples=int(mc_samples),

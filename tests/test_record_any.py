@@ -12,6 +12,7 @@ import torch
 
 from fisherlab.capture import BlockCapture
 from fisherlab.cli import main
+from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
 from fisherlab.kron.shared import SharedBlock
 from fisherlab.probe import FisherProbe
@@ -219,3 +220,27 @@ def test_a_format_1_run_resumes_and_keeps_its_version(tmp_path):
         for step in a.steps():
             for layer in a.layers:
                 assert torch.equal(a.stats(step, layer).g, b.stats(step, layer).g)
+
+
+@pytest.mark.parametrize("data", [
+    "torch.utils.data.TensorDataset(X, X)",
+    "torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, X), batch_size=10)",
+])
+def test_factories_may_return_torch_datasets_and_loaders(tmp_path, data):
+    spec = _factory(tmp_path, f"""
+        from dataclasses import dataclass
+
+        @dataclass
+        class Settings:
+            width: int = 3
+
+        return nn.Sequential(nn.Linear(5, Settings().width), nn.Linear(3, 5)), {data}, 'gaussian'
+    """)
+    task = load_factory(spec)
+    assert task.train_inputs.shape == (64, 5) and torch.equal(task.train_inputs, task.train_targets)
+
+
+def test_linear_code_is_refused_for_networks(tmp_path):
+    with pytest.raises(UserInputError, match="linear_code"):
+        record(model=EXAMPLE, out=tmp_path / "run.h5", steps=1, linear_code=True, progress=False)
+    assert not any(tmp_path.iterdir())
