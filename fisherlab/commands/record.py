@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the HDF5 run file to write")
     parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="default: adam (betas 0.9, 0.999)")
     parser.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for Adam, the paper's)")
-    parser.add_argument("--batch-size", type=int, help="default: the paper's (CURVES 256, MNIST 512, FACES 1024)")
+    parser.add_argument("--batch-size", type=int, help="default: the paper's (CURVES 256, MNIST 512, FACES 1024); "
+                        "mnist-cnn and mnist-cnn-ae 512, --model and layer sizes 64")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="default: the paper's (CURVES 40, MNIST 26, FACES 32)")
+    length.add_argument("--epochs", type=int, help="default: the paper's (CURVES 40, MNIST 26, FACES 32); otherwise 10")
     length.add_argument("--steps", type=int, help="optimizer steps to run instead of whole epochs")
     parser.add_argument(
         "--every",
