@@ -32,6 +32,7 @@ _EXPORTS = {
     "record": "fisherlab.record",
     "RunReader": "fisherlab.store",
     "RunWriter": "fisherlab.store",
+    "LayerSpec": "fisherlab.store",
     "analyze": "fisherlab.analysis",
     "load_results": "fisherlab.analysis",
     "study": "fisherlab.study",
@@ -43,6 +44,7 @@ _EXPORTS = {
     "NaturalGradient": "fisherlab.optim",
     # problems, data, errors
     "get_problem": "fisherlab.problems",
+    "load_factory": "fisherlab.problems",
     "load_dataset": "fisherlab.data",
     "UserInputError": "fisherlab.errors",
 }
@@ -66,6 +68,7 @@ __all__ = [
     "record",
     "RunReader",
     "RunWriter",
+    "LayerSpec",
     "analyze",
     "load_results",
     "study",
@@ -75,6 +78,7 @@ __all__ = [
     "KroneckerPreconditioner",
     "NaturalGradient",
     "get_problem",
+    "load_factory",
     "load_dataset",
     "UserInputError",
 ]
@@ -93,9 +97,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads t
     from fisherlab.optimizers import build_optimizer
     from fisherlab.precondition import KroneckerPreconditioner
     from fisherlab.probe import FisherProbe
-    from fisherlab.problems import get_problem
+    from fisherlab.problems import get_problem, load_factory
     from fisherlab.record import record
-    from fisherlab.store import RunReader, RunWriter
+    from fisherlab.store import LayerSpec, RunReader, RunWriter
     from fisherlab.study import study
     from fisherlab.training import train
 

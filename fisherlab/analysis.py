@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from fisherlab.errors import UserInputError
 from fisherlab.io import atomic_write
 from fisherlab.kron import METHODS, ExactReference, FitResult, current_name, fit, kronecker_svd
+from fisherlab.kron.shared import KFAC_FORMS
 from fisherlab.kron.stats import BlockStats
 from fisherlab.store import RunReader
 
@@ -55,6 +56,10 @@ from fisherlab.store import RunReader
 DEFAULT_METHODS = tuple(METHODS)
 #: Pseudo-method under which the exact block's own spectrum and profile are stored.
 EXACT = "exact_block"
+#: Rows of KFAC in the form a shared-weight layer was not recorded in, where its factors were
+#: stored too (``record(kfac_both=True)``, docs/design.md §9.4): ``kfac`` is the recorded
+#: form, ``kfac_expand`` or ``kfac_reduce`` the other one.
+KFAC_VARIANTS = {form: f"kfac_{form}" for form in KFAC_FORMS}
 #: Columns of ``errors.csv`` (docs/design.md §6).
 COLUMNS = (
     "step", "epoch", "layer", "method", "rank", "error1", "error2", "seconds", "iterations",
@@ -202,8 +207,22 @@ def _stored_done(reader: RunReader, step: int, layer: int, method: str) -> bool:
 
 
 def _pending(reader: RunReader, settings: _Settings, step: int, layer: int) -> tuple[list[str], bool]:
-    """The methods still to fit on a block, and whether its exact reference is still to store."""
-    return [m for m in settings.methods if not _done(reader, step, layer, m)], not _done(reader, step, layer, EXACT)
+    """The methods still to fit on a block (with KFAC's other form on a shared-weight layer), and
+    whether its exact reference is still to store."""
+    spec = reader.layer_specs[layer]
+    methods = list(settings.methods)
+    if spec.shared and "kfac" in methods:
+        methods += [KFAC_VARIANTS[form] for form in reader.kfac_forms(step, layer) if form != spec.kfac_form]
+    return [m for m in methods if not _done(reader, step, layer, m)], not _done(reader, step, layer, EXACT)
+
+
+def _variant_form(method: str) -> str | None:
+    """The KFAC form of a :data:`KFAC_VARIANTS` row, None for a registry method."""
+    return next((form for form, name in KFAC_VARIANTS.items() if name == method), None)
+
+
+def _rank_for(method: str, rank: int | None) -> int:
+    return METHODS["kfac" if _variant_form(method) else method].rank_for(rank)
 
 
 def _reason(exc: BaseException) -> str:
@@ -215,7 +234,7 @@ def _failed(settings: _Settings, todo: list[str], need_exact: bool, exc: BaseExc
     """Results saying why a whole block could not be analyzed."""
     status = {"status": _reason(exc)}
     rows = [(EXACT, {}, status)] if need_exact else []
-    return rows + [(m, {}, {"rank": METHODS[m].rank_for(settings.rank)} | status) for m in todo]
+    return rows + [(m, {}, {"rank": _rank_for(m, settings.rank)} | status) for m in todo]
 
 
 def _numpy(arrays: dict) -> dict:
@@ -250,16 +269,20 @@ def _analyze_block(
             results.append((EXACT, {}, {"status": _reason(exc)}))
     warm = dict(warm)
     for method in todo:
+        form = _variant_form(method)
+        block = stats
+        if form is not None:  # KFAC in the form the layer was not recorded in (its factors are stored)
+            block = stats.with_kfac(form)
         init = warm.pop(method, None) if settings.warm_start else None
         report = None if progress is None else partial(progress, method=method)
         if report is not None:
             report()
         try:
-            record = METHODS[method]
+            record = METHODS["kfac" if form else method]
             options = dict(record.analysis_options)
             if settings.tol is not None and "tol" in options:
                 options["tol"] = settings.tol
-            result = fit(method, stats, rank=record.rank_for(settings.rank), init=init, **options)
+            result = fit(record.name, block, rank=record.rank_for(settings.rank), init=init, **options)
             start = time.perf_counter()
             if ref.zero:
                 e1 = e2 = half = None
@@ -277,7 +300,7 @@ def _analyze_block(
                 "error_seconds": time.perf_counter() - start, "status": status,
             }))
         except Exception as exc:  # noqa: BLE001 - recorded as the row's status, the analysis goes on
-            results.append((method, {}, {"rank": METHODS[method].rank_for(settings.rank), "status": _reason(exc)}))
+            results.append((method, {}, {"rank": _rank_for(method, settings.rank), "status": _reason(exc)}))
             continue
         if result.warm is not None:
             warm[method] = result
@@ -504,7 +527,7 @@ def results_table(reader: RunReader) -> list[dict]:
         rows.append({"step": step, "epoch": epochs[step], "layer": layer, "method": method, "status": OK} | {
             k: attrs[k] for k in COLUMNS if k in attrs
         })
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate([*METHODS, *KFAC_VARIANTS.values()])}
     return sorted(rows, key=lambda r: (r["step"], r["layer"], order.get(r["method"], len(order))))
 
 
@@ -533,9 +556,10 @@ class Results:
 
     @property
     def methods(self) -> list[str]:
-        """The methods with results, in the registry's order (:data:`METHODS`)."""
+        """The methods with results, in the registry's order (:data:`METHODS`), then KFAC's
+        other form on shared-weight layers (:data:`KFAC_VARIANTS`)."""
         seen = {r["method"] for r in self.rows}
-        return [m for m in METHODS if m in seen]
+        return [m for m in [*METHODS, *KFAC_VARIANTS.values()] if m in seen]
 
     def spectra(self, step: int, layer: int) -> dict[str, np.ndarray]:
         """Top eigenvalues of F (key :data:`EXACT`) and of each approximation at one step."""

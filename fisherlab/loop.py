@@ -124,8 +124,10 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 class Hook:
     """What a :class:`Loop` calls at every step; the default methods do nothing extra."""
 
-    def forward(self, model: nn.Module, x: Tensor, step: int) -> Tensor:
-        """The forward pass of step ``step`` (updates taken so far) on batch ``x``."""
+    def forward(self, model: nn.Module, x: Tensor, step: int, target: Tensor | None = None) -> Tensor:
+        """The forward pass of step ``step`` (updates taken so far) on batch ``x``; ``target``,
+        the batch's targets, is passed only where the data have targets of their own (not
+        for an auto-encoder, whose targets are ``x``), so hooks written for auto-encoders work."""
         return model(x)
 
     def after_step(self, step: int, epoch: int, loss: float) -> bool:
@@ -313,7 +315,7 @@ class Loop:
                         continue
                     index = index.to(self.device)
                     x = self.train_data[index]
-                    y = x if self.train_targets is None else self.train_targets[index]
+                    y = None if self.train_targets is None else self.train_targets[index]
                     asked = self._one_step(x, y, keeps_history)
                     logged = keeps_history and self._log_due()
                     bar.set_postfix(self._postfix(), refresh=False)
@@ -331,12 +333,13 @@ class Loop:
             bar.close()
         return self.history
 
-    def _one_step(self, x: Tensor, y: Tensor, keeps_history: bool) -> bool:
+    def _one_step(self, x: Tensor, y: Tensor | None, keeps_history: bool) -> bool:
         step, model, problem, optimizer = self.step, self.model, self.problem, self.optimizer
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = problem.per_example_loss(self.hook.forward(model, x, step), y).mean()
+            output = self.hook.forward(model, x, step) if y is None else self.hook.forward(model, x, step, y)
+            loss = problem.per_example_loss(output, x if y is None else y).mean()
             loss.backward()
             return loss
 
@@ -344,7 +347,7 @@ class Loop:
             _sync(self.device)
         start = time.perf_counter()
         if getattr(optimizer, "needs_targets", False):
-            loss = float(optimizer.step(closure, targets=y).detach())
+            loss = float(optimizer.step(closure, targets=x if y is None else y).detach())
         else:
             loss = float(optimizer.step(closure).detach())
         if keeps_history:

@@ -1,10 +1,14 @@
 """Record a training run: the per-sample Fisher statistics of every layer at chosen steps.
 
-:func:`record` trains one of the paper's auto-encoders (Adam by default, the paper's
-Figure 1 setting) and, at steps ``0, K, 2K, …`` below the run's length, captures for each
-chosen ``nn.Linear`` layer the statistics ``(a, g)`` of its exact mini-batch Fisher block
-(:class:`fisherlab.probe.FisherProbe`) and writes them, with the dense block where it fits
-the byte budget, into an HDF5 run file (:class:`fisherlab.store.RunWriter`).
+:func:`record` trains one of the paper's auto-encoders, a built-in network
+(:data:`fisherlab.problems.TASKS`) or the user's own (``model="FILE.py:FACTORY"``,
+:func:`fisherlab.problems.load_factory`), with Adam by default (the paper's Figure 1
+setting), and, at steps ``0, K, 2K, …`` below the run's length, captures each chosen layer's
+exact mini-batch Fisher block (:class:`fisherlab.capture.BlockCapture`: ``BlockStats`` for a
+layer used once per sample, ``SharedBlock`` for a convolution or a ``Linear`` on sequences)
+and writes it, with the dense block where it fits the byte budget, into an HDF5 run file
+(:class:`fisherlab.store.RunWriter`). On the paper's MLPs the capture gives bit for bit what
+:class:`fisherlab.probe.FisherProbe` gave, so their recorded numbers did not change.
 
 What a recorded step means. Step ``s`` is the state after ``s`` optimizer updates. The
 statistics recorded "at step ``s``" are taken at those parameters on the batch of update
@@ -50,18 +54,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fisherlab.capture import BlockCapture
 from fisherlab.data import Dataset, load_dataset
 from fisherlab.device import DEFAULT_DEVICE, resolve_device
 from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
+from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
+from fisherlab.likelihoods import FISHER_TYPES
 from fisherlab.loop import Checkpoint, Hook, Loop
 from fisherlab.optimizers import build_optimizer
-from fisherlab.probe import FISHER_TYPES, FisherProbe
-from fisherlab.problems import Problem, get_problem
+from fisherlab.problems import Problem, Task, get_problem, get_task, load_factory
 from fisherlab.store import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     DEFAULT_DENSE_BUDGET,
+    LayerSpec,
     RunWriter,
 )
 
@@ -188,33 +195,43 @@ def _mc_seed(seed: int, step: int) -> int:
 
 class Recorder(Hook):
     """The :class:`~fisherlab.loop.Hook` that records: the loop's steps, with the Fisher
-    statistics captured at steps ``0, every, 2·every, …`` and written to the run file.
+    blocks captured at steps ``0, every, 2·every, …`` and written to the run file.
 
-    On a capturing step the forward pass runs inside the probe and its extra backward pass
-    follows at once, before the training loss's backward pass (the order
-    :class:`~fisherlab.probe.FisherProbe` documents); other steps cost what plain training
-    costs.
+    On a capturing step the forward pass runs inside a :class:`~fisherlab.capture.BlockCapture`
+    and its extra backward passes follow at once, before the training loss's backward pass;
+    other steps cost what plain training costs. On the paper's MLPs the capture gives the same
+    bits as :class:`~fisherlab.probe.FisherProbe` (tested), so their recorded numbers are those
+    of format 1.
 
     Args:
-        model: the network, whose ``nn.Linear`` layers are layers ``1 … L``.
-        problem: gives the per-example loss and the target sampler.
+        model: the network, whose supported layers are layers ``1 … L``.
+        likelihood: the output distribution's name (:data:`fisherlab.likelihoods.LIKELIHOODS`).
         layers: 1-based indices of the layers to capture.
         writer: the run file (None: :meth:`forward` captures, nothing is written).
         every: capture every this many steps.
         dense_budget: bytes allowed per dense block written.
-        fisher: ``"mc"`` (targets drawn from the model) or ``"empirical"`` (the data).
+        fisher: ``"mc"`` (targets drawn from the model), ``"empirical"`` (the data's) or
+            ``"exact"`` (the loss Hessian's square root).
         mc_samples: target draws per example for ``"mc"``.
         seed: the run's seed; step ``s`` draws its targets from a generator seeded from
             ``(seed, s)``.
+        kfac: the KFAC form recorded for shared-weight layers.
+        kfac_both: also compute and store the other form's factors, for analysis to compare
+            them; None (default): only where ``kfac`` is ``"expand"``, whose activation factor
+            is the costly one, so that adding reduce's costs little (LeNet-5:
+            benchmarks/results/bench_record_cnn.txt).
+
+    Raises:
+        UserInputError: a module couples the samples (BatchNorm in training mode), or bad layers.
 
     Attributes:
-        stats: the statistics of the last capturing step, ``{layer: BlockStats}``, or None.
+        stats: the blocks of the last capturing step, ``{layer: BlockStats | SharedBlock}``, or None.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        problem: Problem,
+        likelihood: str,
         layers: Iterable[int],
         *,
         writer: RunWriter | None = None,
@@ -223,37 +240,39 @@ class Recorder(Hook):
         fisher: str = "mc",
         mc_samples: int = 1,
         seed: int = 0,
+        kfac: str = "expand",
+        kfac_both: bool | None = None,
     ):
-        self.problem = problem
-        self.probe = FisherProbe(model, layers)
+        self.likelihood = likelihood
+        both = kfac == "expand" if kfac_both is None else kfac_both
+        self.capture = BlockCapture(model, list(layers), kfac=kfac, kfac_forms=KFAC_FORMS if both else None)
         self.writer, self.every, self.dense_budget = writer, every, dense_budget
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.seed = seed
-        self.stats: dict[int, BlockStats] | None = None
+        self.stats: dict[int, BlockStats | SharedBlock] | None = None
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` is captured: a multiple of ``every`` not in the file yet."""
         done = None if self.writer is None else self.writer.last_step
         return step % self.every == 0 and (done is None or step > done)
 
-    def forward(self, model: nn.Module, x: Tensor, step: int) -> Tensor:
-        """The forward pass of step ``step``, with the statistics captured when due."""
+    def forward(self, model: nn.Module, x: Tensor, step: int, target: Tensor | None = None) -> Tensor:
+        """The forward pass of step ``step``, with the blocks captured when due (``target``: the
+        batch's targets, default ``x``)."""
         self.stats = None
         if not self.due(step):
             return model(x)
-        with self.probe as probe:
+        with self.capture as capture:
             output = model(x)
+            generator = None
             if self.fisher == "mc":
                 generator = torch.Generator(device=x.device).manual_seed(_mc_seed(self.seed, step))
-                targets = self.problem.sample_targets
-            else:
-                generator, targets = None, x
-            self.stats = probe.capture(
+            self.stats = capture.capture(
                 output,
-                targets,
-                self.problem.per_example_loss,
+                self.likelihood,
                 fisher=self.fisher,
+                targets=(x if target is None else target) if self.fisher == "empirical" else None,
                 mc_samples=self.mc_samples,
                 generator=generator,
             )
@@ -270,6 +289,40 @@ class Recorder(Hook):
     def postfix(self) -> dict:
         """The progress bar's ``recorded`` field: the last step in the run file (None before the first or without a writer)."""
         return {"recorded": None if self.writer is None else self.writer.last_step}
+
+    def layer_specs(self, example: Tensor) -> dict[int, LayerSpec]:
+        """The :class:`~fisherlab.store.LayerSpec` of every captured layer, from a forward pass
+        on ``example`` (one input, batched) without a graph and with torch's random state restored."""
+        shapes: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def keep(index: int):
+            def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                shapes.setdefault(index, (inputs[0], output))
+
+            return hook
+
+        handles = [layer.adapter.module.register_forward_hook(keep(i)) for i, layer in self.capture.layers.items()]
+        model = self.capture.model
+        try:
+            devices = [example.device] if example.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+        specs = {}
+        for i, layer in self.capture.layers.items():
+            if i not in shapes:
+                raise UserInputError(f"layer {i} ({layer.name}) is not used by the model's forward pass")
+            adapter, module = layer.adapter, layer.adapter.module
+            positions = adapter.unfold(*shapes[i]).shape[1]
+            conv = {key: tuple(int(v) for v in getattr(module, attr))
+                    for key, attr in (("kernel", "kernel_size"), ("stride", "stride"), ("padding", "padding"),
+                                      ("dilation", "dilation")) if hasattr(module, attr)}
+            specs[i] = LayerSpec(d_in=adapter.d_act - adapter.bias, d_out=adapter.d_out, bias=adapter.bias,
+                                 kind=type(module).__name__, positions=positions,
+                                 kfac_form=self.capture.kfac if positions > 1 else "", **conv)
+        return specs
 
 
 def _check_positive(name: str, value) -> None:
@@ -314,8 +367,11 @@ def record(
     compression: str = DEFAULT_COMPRESSION,
     linear_code: bool = False,
     progress: bool = True,
+    model: str | None = None,
+    kfac: str = "expand",
+    kfac_both: bool | None = None,
 ) -> Path:
-    """Train ``problem`` and record the Fisher statistics of its layers into ``out``.
+    """Train ``problem`` (or the user's ``model``) and record the Fisher blocks of its layers into ``out``.
 
     Statistics are recorded at steps ``0, every, 2·every, …`` below the run's length (see
     the module docstring for what a step means and how resuming works). The file's
@@ -323,8 +379,9 @@ def record(
     ``fisher_type``, ``mc_samples``, ``every``, ``layers`` and the data set's ``meta``.
 
     Args:
-        problem: ``curves``, ``mnist``, ``faces`` or a layer-size string (then trained on
-            :func:`synthetic_dataset`).
+        problem: ``curves``, ``mnist``, ``faces``, a layer-size string (then trained on
+            :func:`synthetic_dataset`), or a built-in network of :data:`fisherlab.problems.TASKS`
+            (``mnist-cnn``, ``mnist-cnn-ae``); ignored when ``model`` is given.
         out: the HDF5 run file to write.
         optimizer: ``adam`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9).
         lr: learning rate; default 1e-3 for Adam (the paper's), required for SGD.
@@ -335,7 +392,8 @@ def record(
         steps: optimizer steps in the run.
         every: record every this many steps (K).
         layers: ``"all"``, one index, ``"1,5"`` or a list of 1-based indices.
-        fisher: ``"mc"`` (targets drawn from the model: the paper's) or ``"empirical"``.
+        fisher: ``"mc"`` (targets drawn from the model: the paper's), ``"empirical"`` (the
+            data's targets) or ``"exact"`` (the loss Hessian's square root, no sampling).
         mc_samples: target draws per example for ``"mc"`` (k; N = k · batch_size).
         dense_budget: bytes allowed per dense block (``4 p²``), an int or e.g. ``"1GB"``;
             smaller blocks are stored densely too; 0 stores statistics only. The default,
@@ -353,6 +411,12 @@ def record(
         linear_code: no ReLU after the narrowest hidden layer (Hinton & Salakhutdinov's
             auto-encoders; the default, ReLU everywhere, is the authors' code).
         progress: show a progress bar (step, loss, ETA).
+        model: ``FILE.py:FACTORY`` (:func:`fisherlab.problems.load_factory`): any network, its
+            data and likelihood, trained instead of ``problem``.
+        kfac: the KFAC form recorded for weight-sharing layers, ``"expand"`` or ``"reduce"``.
+        kfac_both: also store the other form's factors, which analysis then reports as a
+            ``kfac_reduce`` or ``kfac_expand`` row (docs/design.md §9.4); None (default): only
+            with ``kfac="expand"``, where reduce's factors cost little (as :class:`Recorder`).
 
     Returns:
         The run file's path.
@@ -363,7 +427,6 @@ def record(
         KeyboardInterrupt: when interrupted; every completed step stays in the file (a new
             file without any completed step is removed).
     """
-    prob = get_problem(problem, linear_code=bool(linear_code))
     if optimizer not in OPTIMIZERS:
         raise UserInputError(f"unknown optimizer {optimizer!r}; record drives {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LR.get(optimizer) if lr is None else lr
@@ -387,15 +450,26 @@ def record(
         raise UserInputError(f"seed must be a non-negative integer, got {seed!r}")
     if fisher not in FISHER_TYPES:
         raise UserInputError(f"unknown fisher type {fisher!r}; valid: {', '.join(FISHER_TYPES)}")
-    if fisher == "empirical" and mc_samples != 1:
+    if fisher != "mc" and mc_samples != 1:
         raise UserInputError("mc_samples applies to fisher='mc' only")
+    if kfac not in KFAC_FORMS:
+        raise UserInputError(f"unknown KFAC form {kfac!r}; choose from {', '.join(KFAC_FORMS)}")
     if compression not in COMPRESSIONS:
         raise UserInputError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
-    chosen = parse_layers(layers, prob.num_layers)
     budget = parse_size(dense_budget)
     dev = resolve_device(device)
     out = Path(out)
     _check_output(out, force, resume)
+    if model is not None or get_task(problem) is not None:
+        if linear_code:
+            raise UserInputError("linear_code applies to the paper's MLP auto-encoders only")
+        task = load_factory(model, int(seed)) if model is not None else get_task(problem)(int(seed), data_dir)
+        return _record_task(task, out, optimizer=optimizer, lr=float(lr), batch_size=batch_size, epochs=epochs,
+                            steps=steps, every=int(every), layers=layers, fisher=fisher, mc_samples=int(mc_samples),
+                            budget=budget, seed=int(seed), dev=dev, force=force, resume=resume,
+                            compression=compression, progress=progress, kfac=kfac, kfac_both=kfac_both)
+    prob = get_problem(problem, linear_code=bool(linear_code))
+    chosen = parse_layers(layers, prob.num_layers)
 
     data = load_dataset(prob.dataset, data_dir, cache_dir) if prob.dataset else synthetic_dataset(prob)
     if data.train.shape[1] != prob.layer_sizes[0]:
@@ -413,8 +487,8 @@ def record(
         if steps > _STEP_LIMIT:
             raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
 
-    model = prob.build_model(seed=seed, device=dev)
-    opt = build_optimizer(optimizer, model, prob, lr=float(lr))
+    net = prob.build_model(seed=seed, device=dev)
+    opt = build_optimizer(optimizer, net, prob, lr=float(lr))
     settings = {k: v for k, v in opt.defaults.items() if k not in _IMPLEMENTATION_KEYS}
     config = {
         "problem": prob.name,
@@ -436,17 +510,26 @@ def record(
     config_json = json.dumps(config, sort_keys=True, default=str)
     config = json.loads(config_json)  # plain JSON types, as the file will hold them
     checkpoint = Checkpoint(checkpoint_path(out), config)
-    fresh = not (resume and out.exists())
-    recorder = Recorder(model, prob, chosen, every=int(every), dense_budget=budget, fisher=fisher,
+    recorder = Recorder(net, prob.likelihood, chosen, every=int(every), dense_budget=budget, fisher=fisher,
                         mc_samples=int(mc_samples), seed=int(seed))
-    writer = RunWriter(out, config, recorder.probe.layer_shapes, force=force, resume=resume, compression=compression)
+    train = data.train.to(dev)
+    return _run(recorder, Loop(net, prob, opt, train, batch_size=batch_size, steps=steps, seed=int(seed), hook=recorder,
+                               checkpoint=checkpoint, checkpoint_interval=CHECKPOINT_INTERVAL_S, progress=progress),
+                checkpoint, out, config, train[:1], every=int(every), force=force, resume=resume, compression=compression)
+
+
+def _run(recorder: Recorder, loop: Loop, checkpoint: Checkpoint, out: Path, config: dict, example: Tensor, *,
+         every: int, force: bool, resume: bool, compression: str) -> Path:
+    """Open the run file, run the loop with the recorder, and close the file (removing a new
+    file without any step if the run fails)."""
+    fresh = not (resume and out.exists())
+    writer = RunWriter(out, config, recorder.layer_specs(example), force=force, resume=resume, compression=compression)
     recorder.writer = writer
     if force:
         checkpoint.remove()
     # Checkpoints cost about as much as a CURVES step: at most one per interval, after a
     # recorded step; a resume replays the few steps since the last one (the run is deterministic).
-    loop = Loop(model, prob, opt, data.train.to(dev), batch_size=batch_size, steps=steps, seed=int(seed),
-                hook=recorder, checkpoint=checkpoint, checkpoint_interval=CHECKPOINT_INTERVAL_S, progress=progress)
+    dev = example.device
     try:
         if not fresh:
             done = writer.last_step  # steps <= done are in the file already
@@ -466,3 +549,51 @@ def record(
         raise
     writer.close(finished=True)
     return out
+
+
+def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size: int | None, epochs: int | None,
+                 steps: int | None, every: int, layers, fisher: str, mc_samples: int, budget: int, seed: int,
+                 dev: torch.device, force: bool, resume: bool, compression: str, progress: bool, kfac: str,
+                 kfac_both: bool | None) -> Path:
+    """:func:`record` for a :class:`~fisherlab.problems.Task` (any network, inputs with targets)."""
+    net = task.model.to(dev)
+    num_layers = len(BlockCapture(net).layers)
+    chosen = parse_layers(layers, num_layers)
+    batch_size = task.batch_size if batch_size is None else int(batch_size)
+    n_train = task.train_inputs.shape[0]
+    if batch_size > n_train:
+        raise UserInputError(f"batch size {batch_size} exceeds the {n_train} training examples")
+    steps_per_epoch = n_train // batch_size
+    if steps is None:
+        steps = (CUSTOM_EPOCHS if epochs is None else epochs) * steps_per_epoch
+        if steps > _STEP_LIMIT:
+            raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
+    opt = build_optimizer(optimizer, net, task, lr=lr)
+    settings = {k: v for k, v in opt.defaults.items() if k not in _IMPLEMENTATION_KEYS}
+    config = {
+        "problem": task.name,
+        "likelihood": task.likelihood,
+        "model": type(net).__name__,
+        "optimizer": {"name": optimizer, **settings},
+        "batch_size": batch_size,
+        "seed": seed,
+        "fisher_type": fisher,
+        "mc_samples": mc_samples,
+        "kfac": kfac,
+        "kfac_both": kfac == "expand" if kfac_both is None else bool(kfac_both),
+        "every": every,
+        "layers": chosen,
+        "dataset": task.meta,
+        "dtype": "float32",
+        "steps_per_epoch": steps_per_epoch,
+        "recorded_at": "step s: parameters after s updates, batch of update s+1, before that update",
+    }
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    checkpoint = Checkpoint(checkpoint_path(out), config)
+    recorder = Recorder(net, task.likelihood, chosen, every=every, dense_budget=budget, fisher=fisher,
+                        mc_samples=mc_samples, seed=seed, kfac=kfac, kfac_both=kfac_both)
+    x, y = task.train_inputs.to(dev), task.train_targets.to(dev)
+    loop = Loop(net, task, opt, x, train_targets=y, batch_size=batch_size, steps=steps, seed=seed, hook=recorder,
+                checkpoint=checkpoint, checkpoint_interval=CHECKPOINT_INTERVAL_S, progress=progress)
+    return _run(recorder, loop, checkpoint, out, config, x[:1], every=every, force=force, resume=resume,
+                compression=compression)

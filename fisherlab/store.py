@@ -1,18 +1,33 @@
 """The HDF5 run file: per-step, per-layer Fisher statistics and the analysis results.
 
-The only module that imports h5py. Layout (docs/design.md §5, ``format_version`` 1)::
+The only module that imports h5py. Layout (docs/design.md §5, ``format_version`` 2)::
 
-    /                         attrs: format="fisherlab.run", format_version=1,
+    /                         attrs: format="fisherlab.run", format_version=2,
                                      fisherlab_version, created (ISO 8601), config (JSON),
                                      torch_version, finished (bool), compression (str),
                                      compression_needs_plugin (bool)
-    /layers/layer<i>          attrs: index, d_in, d_out
+    /layers/layer<i>          attrs: index, d_in, d_out, and (version 2, where they differ
+                                     from nn.Linear with a bias on 2-D inputs) kind, bias,
+                                     positions, kernel, stride, padding, dilation, kfac_form
     /steps/<8-digit step>/    attrs: step, epoch, loss, complete
-        layer<i>/a            float32 (N, d_in + 1), column 0 all ones
+        layer<i>/             attrs (version 2): block = "stats" or "shared"
+        layer<i>/a            float32 (N, d_in + bias), column 0 all ones with a bias
         layer<i>/g            float32 (N, d_out)
-        layer<i>/fisher       float32 (p, p), p = d_out (d_in + 1), A ⊗ G order, optional
+        layer<i>/p_samples    float32 (N, m, d_out), shared, dense storage (m = d_in + bias)
+        layer<i>/act, grad    float32 (B, T, m), (N, T, d_out), shared, factored storage
+        layer<i>/kfac_<form>_act, kfac_<form>_grad
+                              float32 (m, m), (d_out, d_out), shared: KFAC's factors
+        layer<i>/fisher       float32 (p, p), p = d_out m, column-major vec order of W
+                              (A ⊗ G order), optional
     /analysis/<8-digit step>/layer<i>/<method>/
                               attrs: the method's scalars, complete; datasets: its arrays
+
+A layer's statistics are a :class:`~fisherlab.kron.BlockStats` (one position per sample:
+``a``, ``g``) or a :class:`~fisherlab.kron.shared.SharedBlock` (weight shared over ``T``
+positions: its :meth:`~fisherlab.kron.shared.SharedBlock.state`). Version 1 files (the
+paper's MLPs: only ``a``, ``g``, ``fisher`` and ``index, d_in, d_out``) read as version 2
+files of ``nn.Linear`` layers with a bias; a resumed version 1 file keeps its version (its
+steps are laid out as version 2 writes them).
 
 Crash safety: a step (or analysis) group is built unlinked, marked ``complete``, flushed,
 and only then linked under its name and flushed again, so a killed writer leaves every
@@ -24,10 +39,10 @@ This survives a killed process, not a power cut (no fsync). The default ``libver
 deliberate: with ``libver="latest"`` HDF5 marks the file open-for-write in its superblock
 and refuses to open it after a kill until ``h5clear`` is run on it.
 
-Precision: ``a``, ``g`` and ``fisher`` are float32 (the contract), except that statistics
+Precision: the recorded datasets are float32 (the contract), except that statistics
 recorded in float64 are kept in float64, so that no digit is lost where one was asked for.
 
-Compression: ``a``, ``g`` and ``fisher`` are compressed in chunks of whole rows of about
+Compression: the recorded datasets are compressed in chunks of whole rows (first index) of about
 :data:`CHUNK_BYTES` (h5py's own chunk guess is a few kB for these shapes, which slows the
 writes). ``compression`` picks the filter; every option reads back bit for bit:
 
@@ -54,6 +69,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -66,9 +82,12 @@ from torch import Tensor
 from fisherlab import __version__
 from fisherlab.errors import StoreFormatError, UserInputError
 from fisherlab.kron import BlockStats
+from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
 
 FORMAT = "fisherlab.run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads (and resumes).
+READ_VERSIONS = (1, 2)
 
 #: Largest dense block stored, in bytes of float32 (``4 p²``). 1 GiB admits layers 4 and 5
 #: of MNIST and FACES (FACES layer 5: p = 15,500, 961 MB) and layers 4 to 9 of CURVES.
@@ -120,17 +139,85 @@ def _check_format(f: h5py.File, path: Path) -> None:
             f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this fisherlab "
             f"{__version__} reads; upgrade fisherlab"
         )
-    if version != FORMAT_VERSION:
-        raise StoreFormatError(f"{path} has unsupported format_version {version} (expected {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        raise StoreFormatError(
+            f"{path} has unsupported format_version {version} (this fisherlab reads "
+            f"{', '.join(map(str, READ_VERSIONS))})"
+        )
     if "config" not in f.attrs or "layers" not in f or "steps" not in f:
         raise StoreFormatError(f"{path} lacks the config, /layers or /steps of a run file")
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the run file says about a recorded layer (``/layers/layer<i>`` attributes).
+
+    Attributes:
+        d_in: columns of ``W`` without the bias's: input features, or the unfolded patch
+            length of a convolution (``m = d_in + bias``).
+        d_out: rows of ``W``: output features or channels.
+        bias: whether column 0 of ``W`` is a bias.
+        kind: the module type, e.g. ``"Linear"``, ``"Conv2d"``, ``"ConvTranspose2d"``.
+        positions: ``T``, the positions per sample where ``W`` is applied (1: the block is a
+            :class:`~fisherlab.kron.BlockStats`, otherwise a
+            :class:`~fisherlab.kron.shared.SharedBlock`).
+        kernel, stride, padding, dilation: a convolution's, empty for ``nn.Linear``.
+        kfac_form: the recorded KFAC form of a shared layer (``"expand"`` or ``"reduce"``),
+            empty where ``T = 1`` (both forms are then plain KFAC).
+    """
+
+    d_in: int
+    d_out: int
+    bias: bool = True
+    kind: str = "Linear"
+    positions: int = 1
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    kfac_form: str = ""
+
+    @property
+    def shared(self) -> bool:
+        """Whether the weight is applied at more than one position (a SharedBlock)."""
+        return self.positions > 1
+
+    @property
+    def d_act(self) -> int:
+        """``m = d_in + bias``, the columns of ``W``."""
+        return self.d_in + self.bias
+
+    def attrs(self) -> dict:
+        """The HDF5 attributes of this layer: ``d_in``, ``d_out`` and every other field that
+        differs from its default (an ``nn.Linear`` with a bias on 2-D inputs has just those two,
+        as in version 1)."""
+        defaults = asdict(LayerSpec(0, 0))
+        return {k: np.asarray(v, dtype=np.int64) if isinstance(v, tuple) else v
+                for k, v in asdict(self).items() if k in ("d_in", "d_out") or v != defaults[k]}
+
+    @classmethod
+    def from_attrs(cls, attrs) -> LayerSpec:
+        """The spec of a ``/layers/layer<i>`` group; version 1 groups are ``nn.Linear`` with a bias."""
+        values = {}
+        for key, default in asdict(cls(0, 0)).items():
+            if key in attrs:
+                raw = attrs[key]
+                values[key] = tuple(int(x) for x in np.atleast_1d(raw)) if isinstance(default, tuple) else type(default)(
+                    raw.item() if isinstance(raw, np.generic) else raw)
+        return cls(**values)
+
+
+def _spec(value: LayerSpec | tuple[int, int]) -> LayerSpec:
+    return value if isinstance(value, LayerSpec) else LayerSpec(int(value[0]), int(value[1]))
+
+
+def _read_specs(f: h5py.File) -> dict[int, LayerSpec]:
+    specs = {int(group.attrs["index"]): LayerSpec.from_attrs(group.attrs) for group in f["layers"].values()}
+    return dict(sorted(specs.items()))
+
+
 def _read_layers(f: h5py.File) -> dict[int, tuple[int, int]]:
-    layers = {}
-    for group in f["layers"].values():
-        layers[int(group.attrs["index"])] = (int(group.attrs["d_in"]), int(group.attrs["d_out"]))
-    return dict(sorted(layers.items()))
+    return {i: (spec.d_in, spec.d_out) for i, spec in _read_specs(f).items()}
 
 
 def _completed_steps(f: h5py.File) -> list[int]:
@@ -207,8 +294,9 @@ class RunWriter:
     Args:
         path: the run file (its directory must exist).
         config: the run's settings, stored as JSON (docs/design.md §5 lists the keys record writes).
-        layers: ``{index: (d_in, d_out)}`` of the recorded layers (1-based indices), e.g.
-            :attr:`fisherlab.probe.FisherProbe.layer_shapes`.
+        layers: ``{index: LayerSpec}`` of the recorded layers (1-based indices), or
+            ``{index: (d_in, d_out)}`` for ``nn.Linear`` layers with a bias on 2-D inputs (e.g.
+            :attr:`fisherlab.probe.FisherProbe.layer_shapes`).
         force: overwrite an existing file.
         compression: a key of :data:`COMPRESSIONS`: ``"lzf"`` (default; read by h5py
             without plugins), ``"gzip"`` (read by every HDF5 tool without plugins),
@@ -229,7 +317,7 @@ class RunWriter:
         self,
         path: str | os.PathLike,
         config: Mapping,
-        layers: Mapping[int, tuple[int, int]],
+        layers: Mapping[int, LayerSpec | tuple[int, int]],
         *,
         force: bool = False,
         resume: bool = False,
@@ -242,8 +330,11 @@ class RunWriter:
         if force and resume:
             raise UserInputError("choose one of force (overwrite) and resume (continue)")
         self.path = Path(path)
-        self.layers = {int(i): (int(d_in), int(d_out)) for i, (d_in, d_out) in sorted(layers.items())}
-        if not self.layers or any(i < 1 or min(dims) < 1 for i, dims in self.layers.items()):
+        self.layer_specs = {int(i): _spec(v) for i, v in sorted(layers.items())}
+        self.layers = {i: (spec.d_in, spec.d_out) for i, spec in self.layer_specs.items()}
+        if not self.layers or any(
+            i < 1 or spec.d_act < 1 or spec.d_out < 1 or spec.positions < 1 for i, spec in self.layer_specs.items()
+        ):
             raise ValueError(f"layers must map 1-based indices to positive (d_in, d_out), got {dict(layers)}")
         self._config_json = json.dumps(dict(config), sort_keys=True)
         self.last_step: int | None = None
@@ -278,9 +369,9 @@ class RunWriter:
                     **_compression_attrs({self.compression}),
                 }
             )
-            for i, (d_in, d_out) in self.layers.items():
+            for i, spec in self.layer_specs.items():
                 group = f.create_group(f"layers/layer{i}")
-                group.attrs.update({"index": i, "d_in": d_in, "d_out": d_out})
+                group.attrs.update({"index": i, **spec.attrs()})
             f.create_group("steps")
             f.flush()
         except BaseException:
@@ -297,8 +388,8 @@ class RunWriter:
             if stored != wanted:
                 keys = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
                 raise UserInputError(f"cannot resume {self.path}: its config differs in {', '.join(keys)}")
-            if _read_layers(f) != self.layers:
-                raise UserInputError(f"cannot resume {self.path}: it records layers {_read_layers(f)}")
+            if _read_specs(f) != self.layer_specs:
+                raise UserInputError(f"cannot resume {self.path}: it records layers {_read_specs(f)}")
             for name, group in list(f["steps"].items()):
                 if not group.attrs.get("complete", False):
                     del f["steps"][name]
@@ -315,7 +406,7 @@ class RunWriter:
         step: int,
         epoch: int,
         loss: float,
-        stats_by_layer: Mapping[int, BlockStats],
+        stats_by_layer: Mapping[int, BlockStats | SharedBlock],
         dense_budget: int = DEFAULT_DENSE_BUDGET,
     ) -> None:
         """Store one step's statistics of every layer; returns once the step is on disk.
@@ -324,8 +415,9 @@ class RunWriter:
             step: the optimizer step (0 … 10⁸ - 1), not yet recorded in this file.
             epoch: the epoch the step belongs to.
             loss: the training loss of the step's batch.
-            stats_by_layer: ``{index: BlockStats}`` for exactly the file's layers, as
-                :meth:`fisherlab.probe.FisherProbe.capture` returns them.
+            stats_by_layer: ``{index: block}`` for exactly the file's layers, as
+                :meth:`fisherlab.capture.BlockCapture.capture` returns them: a BlockStats for
+                a layer of one position, a SharedBlock for a shared one.
             dense_budget: bytes allowed per dense block (``4 p²``); blocks within it are
                 also stored densely (formed in the statistics' dtype and device). 0 stores none.
 
@@ -337,13 +429,8 @@ class RunWriter:
             raise ValueError(f"step must be an integer in [0, {_STEP_LIMIT}), got {step!r}")
         if set(stats_by_layer) != set(self.layers):
             raise ValueError(f"statistics for layers {sorted(stats_by_layer)}, the file records {list(self.layers)}")
-        for i, (d_in, d_out) in self.layers.items():
-            stats = stats_by_layer[i]
-            if stats.a.shape[1] != d_in + 1 or stats.g.shape[1] != d_out:
-                raise ValueError(
-                    f"layer {i}: a {tuple(stats.a.shape)} and g {tuple(stats.g.shape)} do not fit "
-                    f"(N, {d_in + 1}) and (N, {d_out})"
-                )
+        for i, spec in self.layer_specs.items():
+            _check_block(i, spec, stats_by_layer[i])
         name = _step_name(int(step))
         steps = self._file["steps"]
         if name in steps and steps[name].attrs.get("complete", False):
@@ -354,8 +441,17 @@ class RunWriter:
             for i in self.layers:
                 stats = stats_by_layer[i]
                 layer = group.create_group(f"layer{i}")
-                self._dataset(layer, "a", _stored(stats.a))
-                self._dataset(layer, "g", _stored(stats.g))
+                if isinstance(stats, SharedBlock):
+                    layer.attrs["block"] = "shared"
+                    for key, value in stats.state().items():
+                        if isinstance(value, Tensor):
+                            self._dataset(layer, key, _stored(value))
+                        else:
+                            layer.attrs[key] = value
+                else:
+                    layer.attrs["block"] = "stats"
+                    self._dataset(layer, "a", _stored(stats.a))
+                    self._dataset(layer, "g", _stored(stats.g))
                 if 4 * stats.p**2 <= dense_budget:
                     self._dataset(layer, "fisher", _stored(stats.to_dense(max_entries=stats.p**2)))
 
@@ -363,12 +459,13 @@ class RunWriter:
         self.last_step = int(step) if self.last_step is None else max(self.last_step, int(step))
 
     def _dataset(self, group: h5py.Group, name: str, data: np.ndarray) -> None:
-        """A 2-D dataset, compressed in chunks of whole rows of about :data:`CHUNK_BYTES`."""
+        """A dataset, compressed in chunks of whole rows (first index) of about :data:`CHUNK_BYTES`."""
         if not self._filters:
             group.create_dataset(name, data=data)
             return
-        rows = max(1, min(data.shape[0], CHUNK_BYTES // max(1, data.itemsize * data.shape[1])))
-        group.create_dataset(name, data=data, chunks=(rows, data.shape[1]), **self._filters)
+        row_bytes = data.itemsize * int(np.prod(data.shape[1:]))
+        rows = max(1, min(data.shape[0], CHUNK_BYTES // max(1, row_bytes)))
+        group.create_dataset(name, data=data, chunks=(rows, *data.shape[1:]), **self._filters)
 
     def close(self, finished: bool = False) -> None:
         """Close the file; ``finished=True`` marks the run as having ended normally."""
@@ -382,6 +479,22 @@ class RunWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(finished=exc_type is None)
+
+
+def _check_block(index: int, spec: LayerSpec, block) -> None:
+    """Refuse statistics that are not of the kind and shape the file records for a layer."""
+    m, n = spec.d_act, spec.d_out
+    if spec.shared:
+        if not isinstance(block, SharedBlock) or (block.d_act, block.d_grad) != (m, n):
+            got = type(block).__name__ if not isinstance(block, SharedBlock) else f"m = {block.d_act}, n = {block.d_grad}"
+            raise ValueError(f"layer {index}: the file records a shared block with m = {m}, n = {n}, got {got}")
+        if block.positions != spec.positions:
+            raise ValueError(f"layer {index}: the file records {spec.positions} positions, the block has {block.positions}")
+        return
+    if not isinstance(block, BlockStats) or block.a.shape[1] != m or block.g.shape[1] != n:
+        shapes = (f"a {tuple(block.a.shape)} and g {tuple(block.g.shape)}" if isinstance(block, BlockStats)
+                  else type(block).__name__)
+        raise ValueError(f"layer {index}: {shapes} do not fit (N, {m}) and (N, {n})")
 
 
 def _stored(x: Tensor) -> np.ndarray:
@@ -411,6 +524,7 @@ class RunReader:
         self._file = _open_existing(self.path, "r" if mode == "r" else "r+")
         try:
             self.config: dict = json.loads(self._file.attrs["config"])
+            self.layer_specs: dict[int, LayerSpec] = _read_specs(self._file)
             self.layers: dict[int, tuple[int, int]] = _read_layers(self._file)
         except (KeyError, ValueError) as exc:
             self._file.close()
@@ -444,22 +558,36 @@ class RunReader:
 
     def stats(
         self, step: int, layer: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-    ) -> BlockStats:
-        """The statistics ``(a, g)`` of one step and layer."""
+    ) -> BlockStats | SharedBlock:
+        """The statistics of one step and layer: ``BlockStats(a, g)``, or the SharedBlock of a
+        shared-weight layer."""
         group = self._layer_group(step, layer)
+        if group.attrs.get("block") == "shared":
+            state = {k: _tensor(ds, dtype, device) for k, ds in group.items() if k != "fisher"}
+            state.update({k: _py(group.attrs[k]) for k in ("kfac_form", "positions")})
+            try:
+                return SharedBlock.from_state(state)
+            except ValueError as exc:
+                raise StoreFormatError(f"{self.path}: step {step}, layer {layer} is damaged ({exc})") from exc
         return BlockStats(_tensor(group["a"], dtype, device), _tensor(group["g"], dtype, device))
+
+    def kfac_forms(self, step: int, layer: int) -> list[str]:
+        """The KFAC forms whose factors a shared block stores (reads no array); [] for a BlockStats."""
+        group = self._layer_group(step, layer)
+        return [form for form in KFAC_FORMS if f"kfac_{form}_act" in group]
 
     def dense(
         self, step: int, layer: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
     ) -> Tensor | None:
-        """The stored dense block (``A ⊗ G`` order), or None where it was over the budget."""
+        """The stored dense block (column-major vec order of ``W``, ``A ⊗ G`` order), or None
+        where it was over the budget."""
         group = self._layer_group(step, layer)
         return _tensor(group["fisher"], dtype, device) if "fisher" in group else None
 
     def iter_blocks(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[int, int, BlockStats]]:
-        """``(step, layer, BlockStats)`` for every completed step and layer, in order."""
+    ) -> Iterator[tuple[int, int, BlockStats | SharedBlock]]:
+        """``(step, layer, block)`` for every completed step and layer, in order."""
         for step in self.steps():
             for layer in self.layers:
                 yield step, layer, self.stats(step, layer, dtype, device)

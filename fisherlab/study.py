@@ -57,6 +57,9 @@ def study(
     progress: bool = True,
     say: Callable[[str], None] = lambda text: None,
     analysis: dict | None = None,
+    model: str | None = None,
+    kfac: str = "expand",
+    kfac_both: bool | None = None,
 ) -> Study:
     """Record ``problem`` with Adam, analyze every recorded block, draw the figures.
 
@@ -72,6 +75,8 @@ def study(
         progress: show progress bars.
         say: called with a line at the start of each stage.
         analysis: options of :func:`fisherlab.analysis.analyze` (``methods``, ``rank``, ``layers`` ...).
+        model, kfac, kfac_both: as in :func:`fisherlab.record.record`; with ``model`` (or a built-in network
+            such as ``mnist-cnn``) every layer is recorded unless ``layers`` says otherwise.
 
     Raises:
         UserInputError: for invalid settings, or an existing study without ``force`` or ``resume``.
@@ -82,7 +87,11 @@ def study(
 
     dev = str(resolve_device(device))
     preset = FULL if full else QUICK
-    out = Path(out or f"study-{problem.replace(':', '_')}")
+    from fisherlab.problems import get_task
+
+    network = model is not None or get_task(problem) is not None
+    name = Path(model.rpartition(":")[0]).stem if model is not None else problem
+    out = Path(out or f"study-{name.replace(':', '_')}")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
     run_file = out / "run.h5"
@@ -91,11 +100,12 @@ def study(
     out.mkdir(parents=True, exist_ok=True)
     steps = steps if steps is not None else preset["steps"]
     every = every if every is not None else preset["every"]
-    say(f"[1/3] record: {problem}, Adam, {'paper epochs' if steps is None else f'{steps} steps'}, every {every}")
+    say(f"[1/3] record: {model or problem}, Adam, {'paper epochs' if steps is None else f'{steps} steps'}, every {every}")
     record(
         problem, run_file, optimizer="adam", lr=lr, batch_size=batch_size, steps=steps, every=every,
-        layers=layers or preset["layers"], fisher=fisher, mc_samples=mc_samples, dense_budget=dense_budget,
-        seed=seed, data_dir=data_dir, device=dev, force=force, resume=resume, progress=progress,
+        layers=layers or ("all" if network else preset["layers"]), fisher=fisher, mc_samples=mc_samples,
+        dense_budget=dense_budget, seed=seed, data_dir=data_dir, device=dev, force=force, resume=resume,
+        progress=progress, model=model, kfac=kfac, kfac_both=kfac_both,
     )
     say("[2/3] analyze: every method on every recorded step and layer")
     table = analyze(run_file, out_dir=out, device=dev, progress=progress, **(analysis or {}))

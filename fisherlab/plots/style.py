@@ -18,11 +18,14 @@ DPI = 150
 FORMATS = ("png", "pdf")
 
 #: Display names of the approximations (from the registry) and of the other optimizers.
-LABELS = {name: method.label for name, method in METHODS.items()} | {"sgd": "SGD", "adam": "Adam", "fisher": "exact F"}
+LABELS = {name: method.label for name, method in METHODS.items()} | {"sgd": "SGD", "adam": "Adam", "fisher": "exact F",
+                                                                    "kfac_expand": "KFAC-expand", "kfac_reduce": "KFAC-reduce"}
 
 #: Colour-blind-safe palette (Okabe–Ito), fixed per name.
 COLORS = {
     "kfac": "#000000",
+    "kfac_expand": "#999999",
+    "kfac_reduce": "#999999",
     "kpsvd": "#E69F00",
     "deflation": "#0072B2",
     "lanczos": "#009E73",
@@ -40,6 +43,8 @@ MARKERS = {
     "lanczos": "v",
     "kfac_corrected": "D",
     "kronecker_svd": "x",
+    "kfac_expand": "1",
+    "kfac_reduce": "2",
     "sgd": ".",
     "adam": "+",
     "fisher": "",
