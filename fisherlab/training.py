@@ -5,7 +5,7 @@
 :func:`run_training` is the whole command: it loads the data, builds the model and the
 optimizer, trains, and writes into a directory. The model, data and likelihood come from a
 problem name (:func:`fisherlab.problems.get_problem`) or from a user's ``FILE.py:FACTORY``
-(:mod:`fisherlab.factory`); the rest of the run does not depend on which.
+(:func:`fisherlab.problems.load_factory`); the rest of the run does not depend on which.
 
 - ``history.csv``: the rows (columns :data:`~fisherlab.loop.COLUMNS`); while the run goes
   they are kept in ``history.partial.csv``, and ``history.csv`` appears only when the run
@@ -36,7 +36,7 @@ from fisherlab.io import atomic_write
 from fisherlab.likelihoods import FISHER_TYPES, Likelihood, get_likelihood
 from fisherlab.loop import COLUMNS, Checkpoint, History, Loop, batch_indices, evaluate
 from fisherlab.optimizers import build_optimizer, optimizer_names
-from fisherlab.problems import Problem, get_problem
+from fisherlab.problems import Problem, Task, get_problem, get_task, load_factory
 
 __all__ = [
     "COLUMNS",
@@ -180,40 +180,24 @@ def _problem_task(name: str, data_dir, cache_dir, train_subset: int | None, dev:
                  prob.batch_size, dataset.provenance(), dataset.meta)
 
 
-def _factory_task(spec: str, train_subset: int | None, dev: torch.device, dtype: torch.dtype, seed: int) -> _Task:
-    """A user's ``FILE.py:FACTORY`` (:mod:`fisherlab.factory`); the model is built (seeded) here,
-    and checked against the first training examples."""
-    from fisherlab.factory import dataset_tensors, load_factory
-
-    torch.manual_seed(seed)
-    made = load_factory(spec)
-    model = made.model.to(device=dev, dtype=dtype)
-    train_x, train_y = dataset_tensors(made.train_set, f"{spec}: the training set")
-    if made.validation_set is None:  # the history then reports the training loss twice
+def _network_task(task: Task, train_subset: int | None, dev: torch.device, dtype: torch.dtype) -> _Task:
+    """A network of any architecture with its data (:class:`fisherlab.problems.Task`: a user's
+    ``FILE.py:FACTORY`` or a built-in such as ``mnist-cnn``), already checked and seeded."""
+    model = task.model.to(device=dev, dtype=dtype)
+    train_x, train_y = task.train_inputs, task.train_targets
+    if task.val_inputs is None:  # the history then reports the training loss twice
         val_x, val_y = train_x, train_y
     else:
-        val_x, val_y = dataset_tensors(made.validation_set, f"{spec}: the validation set")
+        val_x, val_y = task.val_inputs, task.val_targets
     if train_subset is not None:
         train_x, train_y = train_x[:train_subset], train_y[:train_subset]
     train_x, train_y, val_x, val_y = (_to(t, dev, dtype) for t in (train_x, train_y, val_x, val_y))
-    likelihood = get_likelihood(made.likelihood)
-    with torch.no_grad():
-        try:
-            output = model(train_x[:2])
-        except Exception as exc:  # the user's model on the user's data
-            raise UserInputError(f"{spec}: the model fails on the training inputs {tuple(train_x.shape[1:])}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(output, Tensor):
-            raise UserInputError(f"{spec}: the model must return a tensor, got {type(output).__name__}")
-        for what, targets in (("training", train_y), ("validation", val_y)):
-            try:
-                likelihood.check_targets(output, targets[:2])
-            except UserInputError as exc:
-                raise UserInputError(f"{spec}: {what} set: {exc}") from None
-    provenance = {"model": spec, "n_train": int(train_x.shape[0]), "n_val": int(val_x.shape[0])}
-    return _Task(spec, lambda: model, likelihood, train_x, val_x, train_y, val_y, min(64, train_x.shape[0]),
-                 provenance, {**provenance, "likelihood": made.likelihood,
-                              "validation": "the training set" if made.validation_set is None else "given"})
+    batch_size = min(task.batch_size, train_x.shape[0])
+    provenance = {"model": task.name, "n_train": int(train_x.shape[0]), "n_val": int(val_x.shape[0])}
+    meta = {**task.meta, "likelihood": task.likelihood,
+            "validation": "the training set" if task.val_inputs is None else "given"}
+    return _Task(task.name, lambda: model, get_likelihood(task.likelihood), train_x, val_x, train_y, val_y,
+                 batch_size, provenance, meta)
 
 
 def _to(t: Tensor, dev: torch.device, dtype: torch.dtype) -> Tensor:
@@ -263,7 +247,7 @@ def run_training(
             ``kfac_form`` go to :func:`build_optimizer` (``average`` and ``kl_form`` default
             to the profile's).
         out: the run directory (created if missing).
-        model: ``FILE.py:FACTORY`` (:mod:`fisherlab.factory`) instead of ``problem``; without a
+        model: ``FILE.py:FACTORY`` (:func:`fisherlab.problems.load_factory`) instead of ``problem``; without a
             validation set the history's validation loss is the training set's.
         fisher: the natural gradient's Fisher type, ``mc``, ``empirical`` or ``exact``.
         kfac_form: KFAC of the shared-weight layers, ``expand`` or ``reduce``.
@@ -308,10 +292,12 @@ def run_training(
         raise UserInputError(f"{out / HISTORY} exists; pass --force to overwrite it or --resume to continue it")
     dev = resolve_device(device)
     torch_dtype = DTYPES[dtype]
-    if model is None:
-        task = _problem_task(problem, data_dir, cache_dir, train_subset, dev, torch_dtype, seed)
+    if model is not None:
+        task = _network_task(load_factory(model, seed), train_subset, dev, torch_dtype)
+    elif get_task(problem) is not None:
+        task = _network_task(get_task(problem)(seed, data_dir), train_subset, dev, torch_dtype)
     else:
-        task = _factory_task(model, train_subset, dev, torch_dtype, seed)
+        task = _problem_task(problem, data_dir, cache_dir, train_subset, dev, torch_dtype, seed)
     train_data, val_data = task.train, task.val
     batch_size = batch_size or task.batch_size
     if stats_batch is not None and stats_batch > batch_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from torch import nn
 import fisherlab.data
 import fisherlab.training
 from fisherlab.cli import main
-from fisherlab.factory import dataset_tensors
 from fisherlab.loop import History
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_small_cnn.py"
@@ -85,7 +85,7 @@ def test_a_bad_factory_is_one_line_status_2_and_nothing_written(tmp_path, capsys
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("examples/train_small_cnn.py", "FILE.py:FACTORY"),
-    ("missing.py:f", "no file"),
+    ("missing.py:f", "does not exist"),
     (f"{EXAMPLE}:nothing", "no callable 'nothing'"),
 ])
 def test_a_bad_model_spec_is_one_line_status_2(tmp_path, capsys, spec, message):
@@ -155,10 +155,26 @@ def test_a_classifier_problem_plugs_into_the_training_path(tmp_path, monkeypatch
     assert rows[-1]["train_loss"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_dataset_tensors_reads_datasets_iterables_and_loaders():
-    x, y = torch.randn(6, 2), torch.arange(6)
-    pairs = list(zip(x, y))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    for data in (torch.utils.data.TensorDataset(x, y), pairs, iter(pairs), loader):
-        got_x, got_y = dataset_tensors(data, "data")
-        assert torch.equal(got_x, x) and torch.equal(got_y, y)
+def test_the_built_in_cnn_trains_with_lanczos(tmp_path, monkeypatch):
+    # `fisherlab train --problem mnist-cnn` on a random stand-in for MNIST (the real data are not in CI).
+    import fisherlab.problems as problems
+
+    def stand_in(seed, data_dir=None):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.rand(96, 1, 28, 28, generator=gen)
+        y = torch.randint(10, (96,), generator=gen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = problems.lenet5()
+        return problems.Task("mnist-cnn", model, "categorical", x[:64], y[:64], x[64:], y[64:], batch_size=32)
+
+    monkeypatch.setitem(problems.TASKS, "mnist-cnn", stand_in)
+    out = tmp_path / "run"
+    args = ["train", "--problem", "mnist-cnn", "--optimizer", "lanczos", "--out", str(out), "--epochs", "2",
+            "--t1", "1", "--t2", "1", "--no-progress", "--dtype", "float64"]
+    assert main(args) == 0
+    rows = History.read_csv(out / "history.csv").rows
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(math.isfinite(r["train_loss"]) for r in rows)
+    initial = stand_in(0).model.double().state_dict()
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert set(trained) == set(initial) and all(not torch.equal(trained[k], initial[k]) for k in initial)
