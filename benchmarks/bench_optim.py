@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
+from fisherlab.capture import BlockCapture
 from fisherlab.data import load_dataset
 from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats, KronSum, error1
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.precondition import KroneckerPreconditioner
-from fisherlab.probe import FisherProbe
 from fisherlab.problems import get_problem
 from fisherlab.training import build_optimizer
 
@@ -150,9 +150,9 @@ def average_study(name: str, layer: int, updates: int, decay: float, methods: tu
     generator = torch.Generator().manual_seed(0)
     for k in range(updates):
         x = data[k * problem.batch_size : (k + 1) * problem.batch_size].double()
-        with FisherProbe(model, layers=[layer]) as probe:
+        with BlockCapture(model, layers=[layer]) as capture:
             out = model(x)
-            stats_seq.append(probe.capture(out, problem.sample_targets, problem.per_example_loss, generator=generator)[layer])
+            stats_seq.append(capture.capture(out, problem.likelihood, generator=generator)[layer])
             adam.zero_grad()
             problem.loss(out, x).backward()
             adam.step()

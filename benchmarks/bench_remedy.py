@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from fisherlab.capture import BlockCapture
 from fisherlab.data import load_dataset
 from fisherlab.io import atomic_write
 from fisherlab.kron import fit
 from fisherlab.kron.methods import METHODS
 from fisherlab.kron.solve import damped_inverse
-from fisherlab.probe import FisherProbe
 from fisherlab.problems import get_problem
 
 FLOOR = 0.1
@@ -43,10 +43,9 @@ def study(name: str, steps: int, dampings: tuple[float, ...], methods: tuple[str
         problem.loss(model(x), x).backward()
         adam.step()
     x = data[steps * b : (steps + 1) * b].double()
-    with FisherProbe(model) as probe:
+    with BlockCapture(model) as capture:
         out = model(x)
-        stats = probe.capture(out, problem.sample_targets, problem.per_example_loss,
-                              generator=torch.Generator().manual_seed(0))
+        stats = capture.capture(out, problem.likelihood, generator=torch.Generator().manual_seed(0))
     rows = []
     for method in methods:
         for layer, block in stats.items():

@@ -26,7 +26,6 @@ _EXPORTS = {
     "error2": "fisherlab.kron",
     "damped_inverse": "fisherlab.kron.solve",
     # capture, recording and analysis
-    "FisherProbe": "fisherlab.probe",
     "BlockCapture": "fisherlab.capture",
     "get_likelihood": "fisherlab.likelihoods",
     "record": "fisherlab.record",
@@ -62,7 +61,6 @@ __all__ = [
     "error1",
     "error2",
     "damped_inverse",
-    "FisherProbe",
     "BlockCapture",
     "get_likelihood",
     "record",
@@ -96,7 +94,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads t
     from fisherlab.optim import NaturalGradient
     from fisherlab.optimizers import build_optimizer
     from fisherlab.precondition import KroneckerPreconditioner
-    from fisherlab.probe import FisherProbe
     from fisherlab.problems import get_problem, load_factory
     from fisherlab.record import record
     from fisherlab.store import LayerSpec, RunReader, RunWriter

@@ -8,7 +8,8 @@ exact mini-batch Fisher block (:class:`fisherlab.capture.BlockCapture`: ``BlockS
 layer used once per sample, ``SharedBlock`` for a convolution or a ``Linear`` on sequences)
 and writes it, with the dense block where it fits the byte budget, into an HDF5 run file
 (:class:`fisherlab.store.RunWriter`). On the paper's MLPs the capture gives bit for bit what
-:class:`fisherlab.probe.FisherProbe` gave, so their recorded numbers did not change.
+the former ``nn.Linear``-only probe gave, so their recorded numbers did not change (tested
+against a file of format 1).
 
 What a recorded step means. Step ``s`` is the state after ``s`` optimizer updates. The
 statistics recorded "at step ``s``" are taken at those parameters on the batch of update
@@ -200,7 +201,7 @@ class Recorder(Hook):
     On a capturing step the forward pass runs inside a :class:`~fisherlab.capture.BlockCapture`
     and its extra backward passes follow at once, before the training loss's backward pass;
     other steps cost what plain training costs. On the paper's MLPs the capture gives the same
-    bits as :class:`~fisherlab.probe.FisherProbe` (tested), so their recorded numbers are those
+    bits as the former ``nn.Linear``-only probe (tested), so their recorded numbers are those
     of format 1.
 
     Args:

@@ -295,8 +295,7 @@ class RunWriter:
         path: the run file (its directory must exist).
         config: the run's settings, stored as JSON (docs/design.md §5 lists the keys record writes).
         layers: ``{index: LayerSpec}`` of the recorded layers (1-based indices), or
-            ``{index: (d_in, d_out)}`` for ``nn.Linear`` layers with a bias on 2-D inputs (e.g.
-            :attr:`fisherlab.probe.FisherProbe.layer_shapes`).
+            ``{index: (d_in, d_out)}`` for ``nn.Linear`` layers with a bias on 2-D inputs.
         force: overwrite an existing file.
         compression: a key of :data:`COMPRESSIONS`: ``"lzf"`` (default; read by h5py
             without plugins), ``"gzip"`` (read by every HDF5 tool without plugins),

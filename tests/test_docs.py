@@ -39,7 +39,7 @@ def _examples() -> list[tuple[str, str]]:
 def test_the_contract_lists_names_and_examples():
     # Guards the two parametrized tests below against a format change that would empty them.
     modules = {module for module, _ in _contract_names()}
-    assert {"fisherlab.kron", "fisherlab.store", "fisherlab.probe", "fisherlab.analysis", "fisherlab.optim"} <= modules
+    assert {"fisherlab.kron", "fisherlab.store", "fisherlab.capture", "fisherlab.analysis", "fisherlab.optim"} <= modules
     assert len(_contract_examples()) >= 6
     assert any(where.startswith("README.md") for where, _ in _examples())
 

@@ -1,4 +1,5 @@
-"""FisherProbe: the captured (ā, g) give the exact mini-batch block of per-example gradients."""
+"""BlockCapture on MLPs: the captured (ā, g) give the exact mini-batch block of per-example gradients,
+and the capture's life cycle (hooks, layer subsets, passes without a graph, bad arguments)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fisherlab.capture import BlockCapture
 from fisherlab.errors import UserInputError
-from fisherlab.probe import FisherProbe
 
 BATCH = 6
 
@@ -30,7 +31,8 @@ def _gaussian(output, generator):
     return output + torch.randn(output.shape, generator=generator, dtype=output.dtype)
 
 
-LOSSES = {"bce": (_bce, _bernoulli), "gaussian": (_squared, _gaussian)}
+#: likelihood name -> (its per-example loss, its sampler), written out here as the reference
+LOSSES = {"bernoulli": (_bce, _bernoulli), "gaussian": (_squared, _gaussian)}
 
 
 def _model() -> nn.Sequential:
@@ -73,12 +75,12 @@ def _block(stats) -> torch.Tensor:
 def test_blocks_equal_per_example_gradient_outer_products(loss, fisher, k):
     loss_fn, sampler = LOSSES[loss]
     model, (x, y) = _model(), _data()
-    with FisherProbe(model) as probe:
+    with BlockCapture(model) as capture:
         output = model(x)
-        targets = sampler if fisher == "mc" else y
         gen = torch.Generator().manual_seed(7)
-        stats = probe.capture(output, targets, loss_fn, fisher=fisher, mc_samples=k, generator=gen)
-    if fisher == "mc":  # the same draws, in the probe's draw-major order
+        stats = capture.capture(output, loss, fisher=fisher, targets=None if fisher == "mc" else y,
+                                mc_samples=k, generator=gen)
+    if fisher == "mc":  # the same draws, in the capture's draw-major order
         gen = torch.Generator().manual_seed(7)
         ref_targets = torch.cat([sampler(output.detach(), gen) for _ in range(k)])
     else:
@@ -97,10 +99,10 @@ def test_training_gradients_are_untouched():
     grads = []
     for probing in (False, True):
         model = _model()
-        with FisherProbe(model) as probe:
+        with BlockCapture(model) as capture:
             output = model(x)
             if probing:
-                probe.capture(output, _bernoulli, _bce, generator=torch.Generator().manual_seed(0))
+                capture.capture(output, "bernoulli", generator=torch.Generator().manual_seed(0))
                 assert all(p.grad is None for p in model.parameters())
             _bce(output, y).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -114,22 +116,22 @@ def _hook_count(model) -> int:
 
 def test_hooks_removed_on_exit_and_on_exception():
     model = _model()
-    with FisherProbe(model):
+    with BlockCapture(model):
         assert _hook_count(model) == 3
     assert _hook_count(model) == 0
-    with pytest.raises(KeyError), FisherProbe(model, layers=[1, 3]):
+    with pytest.raises(KeyError), BlockCapture(model, layers=[1, 3]):
         assert _hook_count(model) == 2
         raise KeyError("inside the block")
     assert _hook_count(model) == 0
     with pytest.raises(RuntimeError, match="with-block"):
-        FisherProbe(model).capture(model(_data()[0]), _bernoulli, _bce)
+        BlockCapture(model).capture(model(_data()[0]), "bernoulli")
 
 
 def test_subset_of_layers():
     model, (x, y) = _model(), _data()
-    with FisherProbe(model, layers=[3, 2]) as probe:
-        assert probe.layer_shapes == {2: (5, 3), 3: (3, 4)}
-        stats = probe.capture(model(x), y, _bce, fisher="empirical")
+    with BlockCapture(model, layers=[3, 2]) as capture:
+        assert sorted(capture.layers) == [2, 3]
+        stats = capture.capture(model(x), "bernoulli", fisher="empirical", targets=y)
     assert sorted(stats) == [2, 3]
     reference = _reference_blocks(model, x, y, _bce)
     torch.testing.assert_close(_block(stats[2]), reference[2], rtol=0, atol=1e-10)
@@ -137,38 +139,36 @@ def test_subset_of_layers():
 
 def test_forward_without_graph_does_not_replace_the_captured_one():
     model, (x, y) = _model(), _data()
-    with FisherProbe(model) as probe:
+    with BlockCapture(model) as capture:
         output = model(x)
         with torch.no_grad():
             model(torch.zeros(2, 4, dtype=torch.float64))  # e.g. a validation pass
-        stats = probe.capture(output, y, _bce, fisher="empirical")
+        stats = capture.capture(output, "bernoulli", fisher="empirical", targets=y)
         assert stats[1].a.shape == (BATCH, 5)
         with pytest.raises(RuntimeError, match="no forward pass"):
-            probe.capture(output, y, _bce, fisher="empirical")
+            capture.capture(output, "bernoulli", fisher="empirical", targets=y)
 
 
 def test_invalid_arguments():
     model, (x, y) = _model(), _data()
     with pytest.raises(UserInputError, match="1..3"):
-        FisherProbe(model, layers=[0, 2])
+        BlockCapture(model, layers=[0, 2])
     with pytest.raises(UserInputError, match="repeat"):
-        FisherProbe(model, layers=[2, 2])
-    with pytest.raises(ValueError, match="bias"):
-        FisherProbe(nn.Linear(2, 2, bias=False))
-    with FisherProbe(model) as probe:
+        BlockCapture(model, layers=[2, 2])
+    with BlockCapture(model) as capture:
         output = model(x)
-        with pytest.raises(ValueError, match="valid: mc, empirical"):
-            probe.capture(output, y, _bce, fisher="exact")
-        with pytest.raises(TypeError):
-            probe.capture(output, y, _bce, fisher="mc")
-        with pytest.raises(ValueError, match="mc_samples"):
-            probe.capture(output, y, _bce, fisher="empirical", mc_samples=2)
+        with pytest.raises(UserInputError, match="choose from mc, empirical, exact"):
+            capture.capture(output, "bernoulli", fisher="expected")
+        with pytest.raises(UserInputError, match="needs the data's targets"):
+            capture.capture(output, "bernoulli", fisher="empirical")
+        with pytest.raises(UserInputError, match="mc_samples"):
+            capture.capture(output, "bernoulli", fisher="empirical", targets=y, mc_samples=2)
 
 
 def test_inplace_activation_is_refused():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)).double()
-    with FisherProbe(model) as probe:
+    with BlockCapture(model) as capture:
         output = model(_data()[0])
         with pytest.raises(RuntimeError, match="in place"):
-            probe.capture(output, _bernoulli, _bce)
+            capture.capture(output, "bernoulli")
