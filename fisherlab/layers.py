@@ -21,6 +21,7 @@ there is one, is column 0 of ``W`` and ``ā_t = (1, a_t)``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from fisherlab.errors import UserInputError
 
 
-class LayerAdapter:
+class LayerAdapter(ABC):
     """How one module type is a matrix ``W`` applied at positions (see the module docstring)."""
 
     #: Module types handled by this adapter.
@@ -44,42 +45,42 @@ class LayerAdapter:
         return self.module.bias is not None
 
     @property
+    @abstractmethod
     def d_out(self) -> int:
         """``d_out``, the rows of ``W``: the layer's output features or channels."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def d_act(self) -> int:
         """``d_a``: the unfolded input's length, plus 1 with a bias."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unfold(self, x: Tensor, y: Tensor) -> Tensor:
         """``a`` (B, T, d_a − bias) from the layer's input ``x`` (``y``, its output, gives the
         output shape): the inputs at each position, without the bias's column of ones. A view
         where the layout allows (a transposed ``F.unfold``), not necessarily contiguous."""
-        raise NotImplementedError
 
     def augmented(self, x: Tensor, y: Tensor) -> Tensor:
         """``ā`` (B, T, d_a): :meth:`unfold` with the column of ones first when there is a bias."""
         a = self.unfold(x, y)
         return torch.cat([torch.ones_like(a[..., :1]), a], dim=-1) if self.bias else a
 
+    @abstractmethod
     def positions(self, dy: Tensor) -> Tensor:
         """``g`` (N, T, d_out) from gradients (N, …) of the layer's output, one row per sample."""
-        raise NotImplementedError
 
     def weight_matrix(self) -> Tensor:
         """``W`` (d_out × d_a) from the module's parameters."""
         return self.matrix_of(self.module.weight, self.module.bias)
 
+    @abstractmethod
     def matrix_of(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The matrix (d_out × d_a) of tensors shaped like the module's weight and bias (its
         parameters, or their gradients: the map is linear)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parameters_of(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(weight, bias)`` shaped like the module's parameters for a matrix ``W`` (d_out × d_a)."""
-        raise NotImplementedError
 
     def _split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
         return (w[:, 1:], w[:, 0]) if self.bias else (w, None)

@@ -30,6 +30,7 @@ The Fisher of a layer with output Jacobian ``J_n`` is ``(1/B) Σ_n J_nᵀ M_n J_
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from fisherlab.errors import UserInputError
 FISHER_TYPES = ("mc", "empirical", "exact")
 
 
-class Likelihood:
+class Likelihood(ABC):
     """A negative log-likelihood ``ℓ(f, y)`` summed over the output's units."""
 
     name: str = ""
@@ -51,18 +52,19 @@ class Likelihood:
             raise UserInputError(f"{self.name} targets must be floating point of the output's shape "
                                  f"{tuple(output.shape)}, got {target.dtype} of shape {tuple(target.shape)}")
 
+    @abstractmethod
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """``ℓ(f_n, y_n)``, shape ``(B,)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Targets drawn from the model's predictive distribution at ``output`` (not differentiated)."""
-        raise NotImplementedError
 
     def hessian_rank(self, output: Tensor) -> int:
         """``C``, the number of columns of :meth:`hessian_sqrt` per example."""
         return output[0].numel()
 
+    @abstractmethod
     def hessian_sqrt(self, output: Tensor, columns: range | None = None) -> Tensor:
         """Columns of ``S`` with ``∂²ℓ/∂f² = S Sᵀ`` per example, stacked first: ``(C, B, …)``.
 
@@ -70,7 +72,6 @@ class Likelihood:
             columns: the columns to return (default: all ``C``); wide outputs are taken a
                 chunk at a time.
         """
-        raise NotImplementedError
 
 
 def _unit_columns(scale: Tensor, columns: range | None) -> Tensor:
