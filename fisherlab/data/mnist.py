@@ -33,8 +33,7 @@ def read_idx_images(path: str | os.PathLike) -> np.ndarray:
         UserInputError: If the file is not an IDX file of uint8 images or is truncated.
     """
     path = Path(path)
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
-        raw = handle.read()
+    raw = _read_bytes(path)
     header = np.frombuffer(raw[:16], dtype=">u4") if len(raw) >= 16 else np.zeros(0)
     if len(header) != 4 or header[0] != 0x803:
         raise UserInputError(f"{path} is not an IDX file of uint8 images (magic 0x00000803)")
@@ -115,6 +114,12 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     )
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The whole file, gunzipped where it ends in ``.gz``."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+        return handle.read()
+
+
 def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file of unsigned-byte labels (magic 0x00000801), gzipped or not; uint8 ``(n,)``.
 
@@ -122,8 +127,7 @@ def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
         UserInputError: If the file is not an IDX label file or is truncated.
     """
     path = Path(path)
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
-        raw = handle.read()
+    raw = _read_bytes(path)
     header = np.frombuffer(raw[:8], dtype=">u4") if len(raw) >= 8 else np.zeros(0)
     if len(header) != 2 or header[0] != 0x801:
         raise UserInputError(f"{path} is not an IDX file of uint8 labels (magic 0x00000801)")

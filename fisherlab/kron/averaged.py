@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, RankOneBlock
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, RankOneBlock, check_dense_size
 from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.rearranged import KroneckerSVD, ZFactors, frobenius_inner, kronecker_svd, linear_combination
 from fisherlab.kron.shared import NamedPairs, SharedRearranged, direct_kronecker_svd
@@ -188,8 +188,7 @@ class AveragedBlock(RankOneBlock):
         Raises:
             BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
         """
-        if self.p**2 > max_entries:
-            raise BlockTooLargeError(f"the dense block has p² = {self.p**2:,} entries, above max_entries = {max_entries:,}")
+        check_dense_size(self.p, max_entries)
         return self.weight * self.previous.to_dense(max_entries) + (1 - self.weight) * self.stats.to_dense(max_entries)
 
 

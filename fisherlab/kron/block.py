@@ -52,6 +52,19 @@ class BlockTooLargeError(UserInputError):
     """A dense block was asked for that exceeds the caller's size limit."""
 
 
+def check_dense_size(p: int, max_entries: int, what: str = "block") -> None:
+    """Refuse to form a ``p × p`` dense matrix of more than ``max_entries`` entries.
+
+    Raises:
+        BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
+    """
+    if p**2 > max_entries:
+        raise BlockTooLargeError(
+            f"the dense {what} has p² = {p**2:,} entries (p = {p:,}), above the limit "
+            f"max_entries = {max_entries:,}; raise the limit or use the matrix-free methods"
+        )
+
+
 @runtime_checkable
 class Block(Protocol):
     """One layer's Fisher block ``F`` (``p × p``, ``A ⊗ G`` order), known through ``Z(F)``.

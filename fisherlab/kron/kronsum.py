@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, check_dense_size
 from fisherlab.kron.eigensolvers import kron_top_eigenvalues, top_eigenvalues
 from fisherlab.kron.layout import unvec, vec
 
@@ -102,10 +102,7 @@ class KronSum:
 
     def to_dense(self, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Tensor:
         """The ``p × p`` matrix ``Σ_j kron(A_j, G_j)``."""
-        if self.p**2 > max_entries:
-            raise BlockTooLargeError(
-                f"the dense sum has p² = {self.p**2:,} entries, above max_entries = {max_entries:,}"
-            )
+        check_dense_size(self.p, max_entries, "sum")
         return sum(torch.kron(a, g) for a, g in self.terms)
 
     # -- norms ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, SampleBlock
+from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, BlockTooLargeError, SampleBlock, check_dense_size
 from fisherlab.kron.layout import rearrange, unvec
 from fisherlab.kron.partial_svd import lanczos_svd
 from fisherlab.kron.rearranged import KroneckerSVD, Rearranged, linear_combination
@@ -319,11 +319,7 @@ class SharedBlock(SampleBlock):
         Raises:
             BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
         """
-        if self.p**2 > max_entries:
-            raise BlockTooLargeError(
-                f"the dense block has p² = {self.p**2:,} entries (p = {self.p:,}), above the limit "
-                f"max_entries = {max_entries:,}; raise the limit or use the matrix-free methods"
-            )
+        check_dense_size(self.p, max_entries)
         phi = self._dense_samples().flatten(1)
         return phi.T @ phi / self.n_samples
 

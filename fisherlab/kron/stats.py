@@ -22,9 +22,9 @@ from torch import Tensor
 
 from fisherlab.kron.block import (
     DEFAULT_MAX_DENSE_ENTRIES,
-    BlockTooLargeError,
     RankOneBlock,
     SampleBlock,
+    check_dense_size,
 )
 from fisherlab.kron.rearranged import ZFactors, quadratic, weighted_outer
 
@@ -115,11 +115,7 @@ class BlockStats(RankOneBlock, SampleBlock):
         Raises:
             BlockTooLargeError: if ``p²`` exceeds ``max_entries``.
         """
-        if self.p**2 > max_entries:
-            raise BlockTooLargeError(
-                f"the dense block has p² = {self.p**2:,} entries (p = {self.p:,}), above the limit "
-                f"max_entries = {max_entries:,}; raise the limit or use the matrix-free methods"
-            )
+        check_dense_size(self.p, max_entries)
         phi = (self.a[:, :, None] * self.g[:, None, :]).reshape(self.n_samples, self.p)
         return phi.T @ phi / self.n_samples
 
