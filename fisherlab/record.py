@@ -477,16 +477,8 @@ def record(
         raise UserInputError(
             f"data set has {data.train.shape[1]} features, problem {prob.name!r} takes {prob.layer_sizes[0]}"
         )
-    batch_size = prob.batch_size if batch_size is None else int(batch_size)
-    n_train = data.train.shape[0]
-    if batch_size > n_train:
-        raise UserInputError(f"batch size {batch_size} exceeds the {n_train} training examples")
-    steps_per_epoch = n_train // batch_size
-    if steps is None:
-        epochs = PAPER_EPOCHS.get(prob.name, CUSTOM_EPOCHS) if epochs is None else epochs
-        steps = epochs * steps_per_epoch
-        if steps > _STEP_LIMIT:
-            raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
+    batch_size, steps, steps_per_epoch = _run_length(data.train.shape[0], prob.batch_size if batch_size is None else batch_size,
+                                    steps, PAPER_EPOCHS.get(prob.name, CUSTOM_EPOCHS) if epochs is None else epochs)
 
     net = prob.build_model(seed=seed, device=dev)
     opt = build_optimizer(optimizer, net, prob, lr=float(lr))
@@ -552,6 +544,24 @@ def _run(recorder: Recorder, loop: Loop, checkpoint: Checkpoint, out: Path, conf
     return out
 
 
+def _run_length(n_train: int, batch_size: int, steps: int | None, epochs: int) -> tuple[int, int, int]:
+    """The batch size, the number of steps (``epochs`` whole epochs where ``steps`` is None) and
+    the steps per epoch.
+
+    Raises:
+        UserInputError: a batch larger than the training set, or more steps than a run file names.
+    """
+    batch_size = int(batch_size)
+    if batch_size > n_train:
+        raise UserInputError(f"batch size {batch_size} exceeds the {n_train} training examples")
+    steps_per_epoch = n_train // batch_size
+    if steps is None:
+        steps = epochs * steps_per_epoch
+        if steps > _STEP_LIMIT:
+            raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
+    return batch_size, steps, steps_per_epoch
+
+
 def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size: int | None, epochs: int | None,
                  steps: int | None, every: int, layers, fisher: str, mc_samples: int, budget: int, seed: int,
                  dev: torch.device, force: bool, resume: bool, compression: str, progress: bool, kfac: str,
@@ -560,15 +570,9 @@ def _record_task(task: Task, out: Path, *, optimizer: str, lr: float, batch_size
     net = task.model.to(dev)
     num_layers = len(BlockCapture(net).layers)
     chosen = parse_layers(layers, num_layers)
-    batch_size = task.batch_size if batch_size is None else int(batch_size)
-    n_train = task.train_inputs.shape[0]
-    if batch_size > n_train:
-        raise UserInputError(f"batch size {batch_size} exceeds the {n_train} training examples")
-    steps_per_epoch = n_train // batch_size
-    if steps is None:
-        steps = (CUSTOM_EPOCHS if epochs is None else epochs) * steps_per_epoch
-        if steps > _STEP_LIMIT:
-            raise UserInputError(f"{epochs} epochs make {steps:,} steps, more than {_STEP_LIMIT:,}")
+    default_batch = task.batch_size if batch_size is None else batch_size
+    batch_size, steps, steps_per_epoch = _run_length(task.train_inputs.shape[0], default_batch, steps,
+                                                     CUSTOM_EPOCHS if epochs is None else epochs)
     opt = build_optimizer(optimizer, net, task, lr=lr)
     settings = {k: v for k, v in opt.defaults.items() if k not in _IMPLEMENTATION_KEYS}
     config = {
