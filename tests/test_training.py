@@ -222,3 +222,19 @@ def test_train_command_resume_with_other_settings_is_refused(tmp_path, tiny_curv
     assert main([*args, "--resume", "--epochs", "1"]) == 2  # fewer: refused
     assert "past the 2 steps of 1 epochs" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_plot_histories_adds_the_ablation_column(tmp_path):
+    def history(scale):
+        return {c: [0, 1, 2] if c in ("epoch", "step") else [3.0 * scale, 2.0 * scale, scale] for c in COLUMNS}
+
+    ablation = {"deflation": {"factors": history(1.0), "block": history(0.9)}, "lanczos": {"factors": history(1.1)}}
+    paths = plot_histories({"kfac": history(1.0)}, tmp_path, "CURVES", stem="with", ablation=ablation)
+    assert [p.name for p in paths] == ["with.png", "with.pdf"]
+    without = plot_histories({"kfac": history(1.0)}, tmp_path, "CURVES", stem="without")
+    from matplotlib.image import imread
+
+    # The third column widens the figure by half: 15 inches against 10 at the same height.
+    assert imread(paths[0]).shape[1] / imread(without[0]).shape[1] == pytest.approx(1.5, rel=0.02)
+    with pytest.raises(ValueError, match="no column"):
+        plot_histories({"kfac": history(1.0)}, tmp_path, "CURVES", ablation={"deflation": {"block": {"epoch": [0]}}})

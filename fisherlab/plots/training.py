@@ -34,7 +34,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "training"
 
 
-def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str, stem: str | None = None) -> list[Path]:
+def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str, stem: str | None = None,
+                   ablation: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
     """Draw the four Figure 2 panels of one problem and save them as PNG and PDF.
 
     Args:
@@ -45,6 +46,9 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
         out_dir: directory for the figures (created if missing).
         title: figure title.
         stem: file name without suffix (default: the title's slug).
+        ablation: ``{method: {"factors": history, "block": history}}``: adds a third column of
+            two panels, training loss against epoch and against time, with each method's run
+            under factor averaging (solid) and block averaging (dashed).
 
     Returns:
         The paths written.
@@ -55,24 +59,45 @@ def plot_histories(histories: Mapping[str, Any], out_dir: str | Path, title: str
     if not histories:
         raise ValueError("no histories to plot")
     # A Figure, not pyplot: no global backend or figure registry is touched.
-    fig = Figure(figsize=(10, 7.5), layout="constrained")
-    axes = fig.subplots(2, 2)
-    for ax, (y_name, x_name, panel) in zip(axes.flat, PANELS):
+    columns = 3 if ablation else 2
+    fig = Figure(figsize=(5 * columns, 7.5), layout="constrained")
+    axes = fig.subplots(2, columns, squeeze=False)
+    for ax, (y_name, x_name, panel) in zip(axes[:, :2].flat, PANELS):
         for name, history in histories.items():
-            try:
-                x, y = _column(history, x_name), _column(history, y_name)
-            except KeyError as exc:
-                raise ValueError(f"history of {name!r} has no column {exc}") from None
-            finite = np.isfinite(y)
-            ax.plot(x[finite], y[finite], color=color(name), marker=marker(name), markevery=max(1, len(x) // 10),
-                    markersize=4, linewidth=1.4, label=label(name))
-        ax.set_xlabel(XLABELS[x_name])
-        ax.set_ylabel(panel)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    axes.flat[0].legend(fontsize="small")
+            _line(ax, history, name, x_name, y_name, label(name))
+        _finish(ax, x_name, panel)
+    axes[0, 0].legend(fontsize="small")
+    if ablation:
+        for ax, x_name in zip(axes[:, 2], ("epoch", "seconds")):
+            for name, runs in ablation.items():
+                for average, style in AVERAGING_STYLES.items():
+                    if average in runs:
+                        _line(ax, runs[average], name, x_name, "train_loss", f"{label(name)}, {average} average", style)
+            _finish(ax, x_name, "training loss (ablation)")
+        axes[0, 2].legend(fontsize="small")
     fig.suptitle(title)
     return save_figure(fig, out_dir, stem or _slug(title))
+
+
+#: Line style of each moving average in the ablation panels.
+AVERAGING_STYLES = {"factors": "-", "block": "--"}
+
+
+def _line(ax: Any, history: Any, name: str, x_name: str, y_name: str, text: str, style: str = "-") -> None:
+    try:
+        x, y = _column(history, x_name), _column(history, y_name)
+    except KeyError as exc:
+        raise ValueError(f"history of {name!r} has no column {exc}") from None
+    finite = np.isfinite(y)
+    ax.plot(x[finite], y[finite], style, color=color(name), marker=marker(name), markevery=max(1, len(x) // 10),
+            markersize=4, linewidth=1.4, label=text)
+
+
+def _finish(ax: Any, x_name: str, panel: str) -> None:
+    ax.set_xlabel(XLABELS[x_name])
+    ax.set_ylabel(panel)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def best_final(histories: Mapping[str, Any], column: str = "train_loss") -> dict[str, float]:
