@@ -20,9 +20,10 @@ best final run (by final training loss; a diverged run counts as +inf) goes into
 Config keys of a profile (``per_problem: {problem: {key: value}}`` replaces them for one problem):
 ``label``, ``epochs``, ``search_epochs``, ``finalists``, ``train_subset``, ``t1``, ``t2``,
 ``average``, ``seed``, ``grids`` (``sgd``, ``adam``, ``natural`` and optionally one per optimizer
-or variant) and ``natural_args`` (extra ``fisherlab train`` options of the natural-gradient
-optimizers, such as ``{"profile": "paper"}``). ``variants`` (top level) names an optimizer run
-with other options, such as the block-averaged Deflation of the ablation.
+or variant), ``natural_args`` (extra ``fisherlab train`` options of the natural-gradient
+optimizers, such as ``{"profile": "paper"}``) and ``with_variants`` (variants run after the
+optimizers). ``variants`` (top level) defines each variant: an optimizer run with other options,
+such as the block-averaged Deflation of the ablation.
 
 Two runners share the work with ``--shard 0/2`` and ``--shard 1/2`` (one thread each); a sharded
 runner writes no summary, so run it once more without ``--shard`` afterwards (everything cached).
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_config(args.profile)
     problems = args.problems or settings["problems"]
-    names = args.optimizers or settings["optimizers"]
+    names = args.optimizers or [*settings["optimizers"], *settings.get("with_variants", [])]
     unknown = [n for n in names if base_optimizer(settings, n) not in settings["optimizers"]]
     if unknown:
         raise SystemExit(f"unknown optimizer or variant {', '.join(unknown)}")
