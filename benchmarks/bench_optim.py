@@ -42,12 +42,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import scipy.linalg
 import torch
 
 from fisherlab.capture import BlockCapture
 from fisherlab.data import load_dataset
 from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats, KronSum, error1
+from fisherlab.kron.solve import damped_inverse
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.problems import get_problem
@@ -76,14 +78,16 @@ def _timed(opt, model, problem, x, device) -> float:
     return time.perf_counter() - start
 
 
-def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[int, ...]) -> list[dict]:
-    """One row per optimizer and statistics batch (the whole batch, and for the natural-gradient
-    optimizers also B/4 as the authors' code takes): t_plain, t_update and the amortised
-    seconds per step."""
+def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[int, ...],
+                 configs: list[tuple[str, int | None]] | None = None) -> list[dict]:
+    """One row per optimizer and statistics batch (default: the whole batch, and for the
+    natural-gradient optimizers also B/4 as the authors' code takes): t_plain, t_update and the
+    amortised seconds per step."""
     problem = get_problem(name)
     data = load_dataset(problem.dataset).train
     batches = [data[i * problem.batch_size : (i + 1) * problem.batch_size].to(device) for i in range(repeats + 2)]
-    configs = [(opt_name, None) for opt_name in NAMES] + [(opt_name, problem.batch_size // 4) for opt_name in PRESETS]
+    if configs is None:
+        configs = [(opt_name, None) for opt_name in NAMES] + [(opt_name, problem.batch_size // 4) for opt_name in PRESETS]
     rows = []
     for opt_name, stats_batch in configs:
         model = problem.build_model(seed=0, device=device)
@@ -144,6 +148,111 @@ TARGET_FRACTION = {"kfac": 0.6, "kpsvd": 0.5, "deflation": 1 / 3, "lanczos": 1 /
 AMORTISED_TARGET = 1.1
 
 
+def _layer_shapes(name: str) -> list[tuple[int, int]]:
+    """``(m, n)`` of every layer: ``m = d_in + 1`` (bias column), ``n = d_out``."""
+    sizes = get_problem(name).layer_sizes
+    return [(m + 1, n) for m, n in zip(sizes[:-1], sizes[1:])]
+
+
+def _best_of(f, repeats: int = 3) -> float:
+    f()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def inverse_floor(name: str, seed: int = 0) -> dict:
+    """What any exact damped inverse of the update step costs on this problem's layers, in flops
+    and in seconds measured here (float32, the model's dtype, on random SPD factors):
+
+    - one term: ``(A + π√λ I)⁻¹`` and ``(G + √λ/π I)⁻¹`` explicitly, ``d³`` flops each
+      (Cholesky ``d³/3``, inverse from it ``2d³/3``), timed as our :func:`damped_inverse`;
+    - two terms (§3.4): the simultaneous diagonalization needs an eigendecomposition of the
+      ``m × m`` and the ``n × n`` whitened correction per layer, at least ``10/3 d³`` flops each
+      (Householder tridiagonalization ``4/3 d³`` and back-transformation of the eigenvectors
+      ``2 d³``, the tridiagonal eigensolve counted free), timed as LAPACK ``syevd`` alone (SciPy's
+      ``eigh(driver="evd")``, the fastest symmetric eigensolver here; the Cholesky factor, the
+      whitening and the back-substitution of ``sygvd`` are left out); our :func:`damped_inverse`
+      (``sygvd``) is timed beside it;
+    - applying the inverse to each layer's gradient (every step): ``2nm(n + m)`` flops per term.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def spd(d: int) -> torch.Tensor:
+        x = torch.randn(d, 2 * d, generator=gen)
+        return (x @ x.T / (2 * d) + torch.eye(d)).contiguous()
+
+    def sym(d: int) -> torch.Tensor:
+        x = torch.randn(d, d, generator=gen)
+        return (x + x.T) / 2
+
+    out = {"problem": name, "flops_spd_inverse": 0, "flops_eigh": 0, "flops_apply_per_term": 0,
+           "s_spd_inverse": 0.0, "s_eigh": 0.0, "s_two_term_inverse": 0.0}
+    for m, n in _layer_shapes(name):
+        out["flops_spd_inverse"] += m**3 + n**3
+        out["flops_eigh"] += 10 * (m**3 + n**3) // 3
+        out["flops_apply_per_term"] += 2 * n * m * (n + m)
+        one = KronSum(spd(m), spd(n))
+        two = KronSum(torch.stack([one.act[0], sym(m)]), torch.stack([one.grad[0], sym(n)]))
+        out["s_spd_inverse"] += _best_of(lambda op=one: damped_inverse(op, 1e-2))
+        out["s_two_term_inverse"] += _best_of(lambda op=two: damped_inverse(op, 1e-2, indefinite="clip"))
+        for matrix in (two.act[1].numpy(), two.grad[1].numpy()):
+            out["s_eigh"] += _best_of(lambda a=matrix: scipy.linalg.eigh(a, lower=True, driver="evd", check_finite=False))
+    return out
+
+
+def floor_table(rows: list[dict], floors: list[dict]) -> str:
+    """The least update step any exact implementation of each method could take here, against
+    the issue's targets: the plain SGD step (forward, backward, an elementwise update: measured),
+    applying the cached inverses (our optimizer's plain step less SGD's: measured, at its flop
+    count) and the damped inverses (:func:`inverse_floor`); the statistics pass and the fits are
+    counted as free. T is our full-batch KFAC update step of this run (or of the issue's tree)."""
+    lines = ["| problem | method | SGD step s | apply inverses s (Gflop) | inverses floor s (Gflop) | floor s | floor ×T "
+             "| target ×T | ours ×T (B/4) |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in floors:
+        problem = f["problem"]
+        full = get_problem(problem).batch_size
+        of = {(r["optimizer"], r["stats_batch"]): r for r in rows if r["problem"] == problem and "tree" not in r}
+        unit = _unit(rows, problem)
+        sgd = of[("sgd", full)]["t_plain"]
+        for name in PRESETS:
+            r = of[(name, full // 4)]
+            terms = PRESETS[name]["rank"]
+            apply = max(r["t_plain"] - sgd, 0.0)
+            inverse, flops = ((f["s_spd_inverse"], f["flops_spd_inverse"]) if terms == 1 else
+                              (f["s_eigh"], f["flops_eigh"]))
+            floor = sgd + apply + inverse
+            target = TARGET_FRACTION[name] * AUTHORS_UPDATE[name][0]
+            lines.append(f"| {problem} | {name} | {sgd:.4f} | {apply:.4f} ({terms * f['flops_apply_per_term'] / 1e9:.1f}) | "
+                         f"{inverse:.4f} ({flops / 1e9:.1f}) | {floor:.4f} | {floor / unit:.2f} | {target:.2f} | "
+                         f"{r['t_update'] / unit:.2f} |")
+    return "\n".join(lines)
+
+
+def _unit(rows: list[dict], problem: str) -> float:
+    """T: the issue tree's full-batch KFAC update step where it was timed, else this tree's."""
+    issue = [r["t_update"] for r in rows if r["problem"] == problem and r.get("tree") == "issue"]
+    if issue:
+        return issue[0]
+    full = get_problem(problem).batch_size
+    return next(r["t_update"] for r in rows if r["problem"] == problem and r["optimizer"] == "kfac"
+                and r["stats_batch"] == full and "tree" not in r)
+
+
+def time_issue_unit(tree: Path, problem: str, repeats: int, device: str) -> dict:
+    """Our full-batch KFAC update step timed on the code of ``tree`` (a checkout of the commit the
+    issue measured against), in a subprocess with that tree first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    command = [sys.executable, str(Path(__file__).resolve()), "unit", "--problem", problem, "--repeats", str(repeats),
+               "--device", device]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**row, "tree": "issue", "tree_path": str(tree)}
+
+
 def table(rows: list[dict], periods: tuple[int, ...]) -> str:
     """A markdown table of seconds per step (whole-batch statistics), the ratios to Adam and to
     KFAC, and the flop estimate."""
@@ -152,7 +261,7 @@ def table(rows: list[dict], periods: tuple[int, ...]) -> str:
              "|---|---|" + "---|---|---|" * len(periods) + "---|"]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         full = get_problem(problem).batch_size
-        by = {r["optimizer"]: r for r in rows if r["problem"] == problem and r["stats_batch"] == full}
+        by = {r["optimizer"]: r for r in rows if r["problem"] == problem and r["stats_batch"] == full and "tree" not in r}
         for name, r in by.items():
             cells = []
             for p in periods:
@@ -165,15 +274,16 @@ def table(rows: list[dict], periods: tuple[int, ...]) -> str:
 
 def target_table(rows: list[dict]) -> str:
     """The issue's targets: each method's update step with statistics on B/4 in units T of our
-    full-batch KFAC update step (same run), against the authors' figures (:data:`AUTHORS_UPDATE`),
-    and the amortised T₁ = T₂ = 100 step against our KFAC's at the same B'."""
+    full-batch KFAC update step (:func:`_unit`: the issue tree's where it was timed in this run,
+    else this tree's), against the authors' figures (:data:`AUTHORS_UPDATE`), and the amortised
+    T₁ = T₂ = 100 step against our KFAC's at the same B'."""
     lines = ["| problem | method | B' | update s | ×T | (stats / fit / inverse s) | authors ×T (issue) "
              "| ours ×authors | target ×authors | met | T=100 s/step | ×KFAC T=100 (same B') |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         full = get_problem(problem).batch_size
-        of = {(r["optimizer"], r["stats_batch"]): r for r in rows if r["problem"] == problem}
-        unit = of[("kfac", full)]["t_update"]
+        of = {(r["optimizer"], r["stats_batch"]): r for r in rows if r["problem"] == problem and "tree" not in r}
+        unit = _unit(rows, problem)
         for stats_batch in (full // 4, full):
             for name in PRESETS:
                 r = of[(name, stats_batch)]
@@ -276,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--issue-tree", type=Path, default=None,
+                   help="a checkout of the commit the issue's figures are relative to: T is its full-batch KFAC update step")
+    u = sub.add_parser("unit", help="our full-batch KFAC update step alone, as one JSON line (for --issue-tree)")
+    u.add_argument("--problem", default="curves")
+    u.add_argument("--repeats", type=int, default=3)
+    u.add_argument("--device", default="cpu")
     a = sub.add_parser("average")
     a.add_argument("--problem", default="curves")
     a.add_argument("--layer", type=int, default=2)
@@ -284,12 +400,23 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--methods", nargs="+", default=["kpsvd", "deflation", "lanczos", "kfac_corrected"])
     a.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.what == "unit":
+        print(json.dumps(time_problem(args.problem, args.repeats, torch.device(args.device), (1,), [("kfac", None)])[0]))
+        return 0
     if args.what == "time":
         periods = (100, 1)
         rows = [r for p in args.problems for r in time_problem(p, args.repeats, torch.device(args.device), periods)]
-        text = (table(rows, periods) + "\n\nUpdate step (statistics, fits, inverses) against the issue's targets, T = our "
-                "full-batch KFAC update step in this run; authors' figures are the issue's constants:\n\n"
-                + target_table(rows))
+        floors = [inverse_floor(p) for p in args.problems]
+        if args.issue_tree is not None:
+            rows += [time_issue_unit(args.issue_tree, p, args.repeats, args.device) for p in args.problems]
+        unit = ("the full-batch KFAC update step of the issue's tree (" + str(args.issue_tree) + ", timed in this run: "
+                + ", ".join(f"{p} {_unit(rows, p):.4f} s" for p in args.problems) + ")"
+                if args.issue_tree is not None else "our full-batch KFAC update step in this run")
+        text = (table(rows, periods) + f"\n\nUpdate step (statistics, fits, inverses) against the issue's targets; T = {unit}; "
+                "the authors' figures (×T) are the issue's measurements, constants here:\n\n" + target_table(rows)
+                + "\n\nFloor of the update step (statistics pass and fits free; see inverse_floor):\n\n"
+                + floor_table(rows, floors))
+        rows += floors
         meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
     else:
         rows = average_study(args.problem, args.layer, args.updates, args.decay, tuple(args.methods))
