@@ -49,7 +49,7 @@ from fisherlab.capture import BlockCapture
 from fisherlab.data import load_dataset
 from fisherlab.io import atomic_write
 from fisherlab.kron import BlockStats, KronSum, error1
-from fisherlab.kron.solve import damped_inverse
+from fisherlab.kron.solve import damped_inverse, pi_factor
 from fisherlab.optim import PRESETS, NaturalGradient
 from fisherlab.precondition import KroneckerPreconditioner
 from fisherlab.problems import get_problem
@@ -109,6 +109,8 @@ def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[i
                "t_plain": t_plain, "t_update": t_update}
         for period in periods:
             row[f"T={period}"] = ((period - 1) * t_plain + t_update) / period
+        if before is not None and stats_batch is not None:
+            row["floor"] = inverse_floor(opt)
         if before is not None:
             # Per timed update: products in the fits, seconds in the closure with the statistics
             # pass, in the fits and in the inverses.
@@ -148,12 +150,6 @@ TARGET_FRACTION = {"kfac": 0.6, "kpsvd": 0.5, "deflation": 1 / 3, "lanczos": 1 /
 AMORTISED_TARGET = 1.1
 
 
-def _layer_shapes(name: str) -> list[tuple[int, int]]:
-    """``(m, n)`` of every layer: ``m = d_in + 1`` (bias column), ``n = d_out``."""
-    sizes = get_problem(name).layer_sizes
-    return [(m + 1, n) for m, n in zip(sizes[:-1], sizes[1:])]
-
-
 def _best_of(f, repeats: int = 3) -> float:
     f()
     times = []
@@ -164,71 +160,69 @@ def _best_of(f, repeats: int = 3) -> float:
     return min(times)
 
 
-def inverse_floor(name: str, seed: int = 0) -> dict:
-    """What any exact damped inverse of the update step costs on this problem's layers, in flops
-    and in seconds measured here (float32, the model's dtype, on random SPD factors):
+def inverse_floor(opt: NaturalGradient) -> dict:
+    """What any exact damped inverse costs on the optimizer's current factors (its last update),
+    in flops and in seconds measured here, layer by layer, in the model's dtype:
 
     - one term: ``(A + π√λ I)⁻¹`` and ``(G + √λ/π I)⁻¹`` explicitly, ``d³`` flops each
-      (Cholesky ``d³/3``, inverse from it ``2d³/3``), timed as our :func:`damped_inverse`;
+      (Cholesky ``d³/3``, the inverse from it ``2d³/3``): timed as our :func:`damped_inverse`;
     - two terms (§3.4): the simultaneous diagonalization needs an eigendecomposition of the
-      ``m × m`` and the ``n × n`` whitened correction per layer, at least ``10/3 d³`` flops each
-      (Householder tridiagonalization ``4/3 d³`` and back-transformation of the eigenvectors
-      ``2 d³``, the tridiagonal eigensolve counted free), timed as LAPACK ``syevd`` alone (SciPy's
-      ``eigh(driver="evd")``, the fastest symmetric eigensolver here; the Cholesky factor, the
-      whitening and the back-substitution of ``sygvd`` are left out); our :func:`damped_inverse`
-      (``sygvd``) is timed beside it;
+      ``m × m`` and of the ``n × n`` whitened correction ``L⁻¹ C L⁻ᵀ``, at least ``10/3 d³`` flops
+      each (Householder tridiagonalization ``4/3 d³`` and back-transformation of the
+      eigenvectors ``2 d³``; the tridiagonal eigensolve, the Cholesky factor, the whitening and
+      the back-substitution counted free): timed as LAPACK ``syevd`` alone on those whitened
+      corrections (SciPy's ``eigh(driver="evd")``, the fastest symmetric eigensolver here), and
+      our whole :func:`damped_inverse` (``sygvd``) beside it;
     - applying the inverse to each layer's gradient (every step): ``2nm(n + m)`` flops per term.
     """
-    gen = torch.Generator().manual_seed(seed)
-
-    def spd(d: int) -> torch.Tensor:
-        x = torch.randn(d, 2 * d, generator=gen)
-        return (x @ x.T / (2 * d) + torch.eye(d)).contiguous()
-
-    def sym(d: int) -> torch.Tensor:
-        x = torch.randn(d, d, generator=gen)
-        return (x + x.T) / 2
-
-    out = {"problem": name, "flops_spd_inverse": 0, "flops_eigh": 0, "flops_apply_per_term": 0,
-           "s_spd_inverse": 0.0, "s_eigh": 0.0, "s_two_term_inverse": 0.0}
-    for m, n in _layer_shapes(name):
-        out["flops_spd_inverse"] += m**3 + n**3
-        out["flops_eigh"] += 10 * (m**3 + n**3) // 3
-        out["flops_apply_per_term"] += 2 * n * m * (n + m)
-        one = KronSum(spd(m), spd(n))
-        two = KronSum(torch.stack([one.act[0], sym(m)]), torch.stack([one.grad[0], sym(n)]))
-        out["s_spd_inverse"] += _best_of(lambda op=one: damped_inverse(op, 1e-2))
-        out["s_two_term_inverse"] += _best_of(lambda op=two: damped_inverse(op, 1e-2, indefinite="clip"))
-        for matrix in (two.act[1].numpy(), two.grad[1].numpy()):
-            out["s_eigh"] += _best_of(lambda a=matrix: scipy.linalg.eigh(a, lower=True, driver="evd", check_finite=False))
+    pre = opt.preconditioner
+    out = {"flops_inverse": 0, "flops_apply": 0, "s_inverse_floor": 0.0, "s_inverse": 0.0}
+    for index in pre.layers:
+        state = pre.state[index]
+        op = KronSum(state["approx_act"], state["approx_grad"])
+        m, n, terms = op.d_act, op.d_grad, op.rank
+        damping = pre._damping(index)
+        out["flops_apply"] += terms * 2 * n * m * (n + m)
+        seconds = _best_of(lambda op=op, damping=damping: damped_inverse(op, damping, scheme="pi",
+                                                                          indefinite=pre.config.indefinite))
+        out["s_inverse"] += seconds
+        if terms == 1:
+            out["flops_inverse"] += m**3 + n**3
+            out["s_inverse_floor"] += seconds
+            continue
+        out["flops_inverse"] += 10 * (m**3 + n**3) // 3
+        pi, root = pi_factor(op.act[0], op.grad[0]), damping**0.5
+        for factor, correction, shift in ((op.act[0], op.act[1], pi * root), (op.grad[0], op.grad[1], root / pi)):
+            chol = torch.linalg.cholesky(factor.double() + shift * torch.eye(factor.shape[0], dtype=torch.float64))
+            half = torch.linalg.solve_triangular(chol, correction.double(), upper=False)
+            whitened = torch.linalg.solve_triangular(chol, half.mT, upper=False).to(factor.dtype).numpy()
+            out["s_inverse_floor"] += _best_of(lambda a=whitened: scipy.linalg.eigh(a, lower=True, driver="evd",
+                                                                                      check_finite=False))
     return out
 
 
-def floor_table(rows: list[dict], floors: list[dict]) -> str:
+def floor_table(rows: list[dict]) -> str:
     """The least update step any exact implementation of each method could take here, against
     the issue's targets: the plain SGD step (forward, backward, an elementwise update: measured),
-    applying the cached inverses (our optimizer's plain step less SGD's: measured, at its flop
-    count) and the damped inverses (:func:`inverse_floor`); the statistics pass and the fits are
-    counted as free. T is our full-batch KFAC update step of this run (or of the issue's tree)."""
-    lines = ["| problem | method | SGD step s | apply inverses s (Gflop) | inverses floor s (Gflop) | floor s | floor ×T "
-             "| target ×T | ours ×T (B/4) |", "|---|---|---|---|---|---|---|---|---|"]
-    for f in floors:
-        problem = f["problem"]
+    applying the cached inverses (our optimizer's plain step less SGD's: measured; its flops) and
+    the damped inverses' floor (:func:`inverse_floor`, on the factors of our run with statistics
+    on B/4); the statistics pass and the fits are counted as free. T as in the targets table."""
+    lines = ["| problem | method | SGD step s | apply inverses s (Gflop) | inverses floor s (Gflop) | ours s "
+             "| floor s | floor ×T | target ×T | ours ×T (B/4) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for problem in dict.fromkeys(r["problem"] for r in rows):
         full = get_problem(problem).batch_size
         of = {(r["optimizer"], r["stats_batch"]): r for r in rows if r["problem"] == problem and "tree" not in r}
         unit = _unit(rows, problem)
         sgd = of[("sgd", full)]["t_plain"]
         for name in PRESETS:
             r = of[(name, full // 4)]
-            terms = PRESETS[name]["rank"]
+            f = r["floor"]
             apply = max(r["t_plain"] - sgd, 0.0)
-            inverse, flops = ((f["s_spd_inverse"], f["flops_spd_inverse"]) if terms == 1 else
-                              (f["s_eigh"], f["flops_eigh"]))
-            floor = sgd + apply + inverse
+            floor = sgd + apply + f["s_inverse_floor"]
             target = TARGET_FRACTION[name] * AUTHORS_UPDATE[name][0]
-            lines.append(f"| {problem} | {name} | {sgd:.4f} | {apply:.4f} ({terms * f['flops_apply_per_term'] / 1e9:.1f}) | "
-                         f"{inverse:.4f} ({flops / 1e9:.1f}) | {floor:.4f} | {floor / unit:.2f} | {target:.2f} | "
-                         f"{r['t_update'] / unit:.2f} |")
+            lines.append(f"| {problem} | {name} | {sgd:.4f} | {apply:.4f} ({f['flops_apply'] / 1e9:.1f}) | "
+                         f"{f['s_inverse_floor']:.4f} ({f['flops_inverse'] / 1e9:.1f}) | {f['s_inverse']:.4f} | "
+                         f"{floor:.4f} | {floor / unit:.2f} | {target:.2f} | {r['t_update'] / unit:.2f} |")
     return "\n".join(lines)
 
 
@@ -406,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "time":
         periods = (100, 1)
         rows = [r for p in args.problems for r in time_problem(p, args.repeats, torch.device(args.device), periods)]
-        floors = [inverse_floor(p) for p in args.problems]
         if args.issue_tree is not None:
             rows += [time_issue_unit(args.issue_tree, p, args.repeats, args.device) for p in args.problems]
         unit = ("the full-batch KFAC update step of the issue's tree (" + str(args.issue_tree) + ", timed in this run: "
@@ -415,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         text = (table(rows, periods) + f"\n\nUpdate step (statistics, fits, inverses) against the issue's targets; T = {unit}; "
                 "the authors' figures (×T) are the issue's measurements, constants here:\n\n" + target_table(rows)
                 + "\n\nFloor of the update step (statistics pass and fits free; see inverse_floor):\n\n"
-                + floor_table(rows, floors))
-        rows += floors
+                + floor_table(rows))
         meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
     else:
         rows = average_study(args.problem, args.layer, args.updates, args.decay, tuple(args.methods))
