@@ -79,10 +79,11 @@ def _timed(opt, model, problem, x, device) -> float:
 
 
 def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[int, ...],
-                 configs: list[tuple[str, int | None]] | None = None) -> list[dict]:
+                 configs: list[tuple[str, int | None]] | None = None, floors: bool = True) -> list[dict]:
     """One row per optimizer and statistics batch (default: the whole batch, and for the
     natural-gradient optimizers also B/4 as the authors' code takes): t_plain, t_update and the
-    amortised seconds per step."""
+    amortised seconds per step; with ``floors``, the inverse floor (:func:`inverse_floor`) of
+    each run on B/4."""
     problem = get_problem(name)
     data = load_dataset(problem.dataset).train
     batches = [data[i * problem.batch_size : (i + 1) * problem.batch_size].to(device) for i in range(repeats + 2)]
@@ -109,7 +110,7 @@ def time_problem(name: str, repeats: int, device: torch.device, periods: tuple[i
                "t_plain": t_plain, "t_update": t_update}
         for period in periods:
             row[f"T={period}"] = ((period - 1) * t_plain + t_update) / period
-        if before is not None and stats_batch is not None:
+        if floors and before is not None and stats_batch is not None:
             row["floor"] = inverse_floor(opt)
         if before is not None:
             # Per timed update: products in the fits, seconds in the closure with the statistics
@@ -382,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--issue-tree", type=Path, default=None,
                    help="a checkout of the commit the issue's figures are relative to: T is its full-batch KFAC update step")
-    u = sub.add_parser("unit", help="our full-batch KFAC update step alone, as one JSON line (for --issue-tree)")
+    u = sub.add_parser("unit", help="the steps of a few optimizers alone (default: our full-batch KFAC), one JSON line "
+                                    "each (for --issue-tree, and to compare two trees)")
     u.add_argument("--problem", default="curves")
+    u.add_argument("--optimizers", nargs="+", default=["kfac"])
+    u.add_argument("--stats-batch", choices=("full", "quarter"), default="full")
     u.add_argument("--repeats", type=int, default=3)
     u.add_argument("--device", default="cpu")
     a = sub.add_parser("average")
@@ -395,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.what == "unit":
-        print(json.dumps(time_problem(args.problem, args.repeats, torch.device(args.device), (1,), [("kfac", None)])[0]))
+        rows_batch = None if args.stats_batch == "full" else get_problem(args.problem).batch_size // 4
+        configs = [(name, rows_batch if name in PRESETS else None) for name in args.optimizers]
+        for row in time_problem(args.problem, args.repeats, torch.device(args.device), (1,), configs, floors=False):
+            print(json.dumps(row))
         return 0
     if args.what == "time":
         periods = (100, 1)
