@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         periods = (100, 1)
         rows = [r for p in args.problems for r in time_problem(p, args.repeats, torch.device(args.device), periods)]
         if args.issue_tree is not None:
-            rows += [time_issue_unit(args.issue_tree, p, args.repeats, args.device) for p in args.problems]
+            # Every ratio of the targets table divides by T: three times the repeats (KFAC steps are cheap).
+            rows += [time_issue_unit(args.issue_tree, p, 3 * args.repeats, args.device) for p in args.problems]
         unit = ("the full-batch KFAC update step of the issue's tree (" + str(args.issue_tree) + ", timed in this run: "
                 + ", ".join(f"{p} {_unit(rows, p):.4f} s" for p in args.problems) + ")"
                 if args.issue_tree is not None else "our full-batch KFAC update step in this run")
