@@ -42,6 +42,7 @@ from fisherlab.capture import BlockCapture
 from fisherlab.errors import UserInputError
 from fisherlab.kron import METHODS, BlockStats, FitInfo, FitResult, KronSum, fit, validate
 from fisherlab.kron.averaged import AveragedBlock, average_terms
+from fisherlab.kron.rearranged import rearranged
 from fisherlab.kron.shared import KFAC_FORMS, SharedBlock
 from fisherlab.kron.solve import INDEFINITE_REMEDIES, DampedInverse, damped_inverse
 from fisherlab.layers import LayerAdapter
@@ -465,8 +466,10 @@ class KroneckerPreconditioner:
         """Fold one mini-batch block into a layer's running KFAC factors and approximation."""
         act_b, grad_b = stats.kfac_factors()
         if "kfac_act" in state:
-            state["kfac_act"] = rho * state["kfac_act"] + (1 - rho) * act_b
-            state["kfac_grad"] = rho * state["kfac_grad"] + (1 - rho) * grad_b
+            # ρ A + (1 − ρ) A_b with one temporary fewer (the same numbers; the state's tensors are
+            # replaced, never changed, as a saved state dict may share them).
+            state["kfac_act"] = torch.mul(state["kfac_act"], rho).add_(act_b * (1 - rho))
+            state["kfac_grad"] = torch.mul(state["kfac_grad"], rho).add_(grad_b * (1 - rho))
         else:
             state["kfac_act"], state["kfac_grad"] = act_b, grad_b
         kfac = KronSum(state["kfac_act"], state["kfac_grad"])
@@ -479,19 +482,22 @@ class KroneckerPreconditioner:
         if "warm" in state:
             init = FitResult(KronSum(state["approx_act"], state["approx_grad"]), FitInfo(cfg.method, cfg.rank), state["warm"])
         has_past = "approx_act" in state and rho > 0
+        averaged = cfg.average == "block" and has_past
         try:
-            if cfg.average == "block" and has_past:
+            block = stats
+            if averaged:
                 previous = KronSum(state["approx_act"], state["approx_grad"])
                 # Only KFAC-corrected subtracts KFAC: its running pair is ρ × its previous first term
                 # plus (1 − ρ) × the batch's, as kfac above.
                 block = AveragedBlock(stats, previous, rho, "running" if cfg.method == "kfac_corrected" else None)
-                result = fit(cfg.method, block, cfg.rank, init=init, **cfg.fit_options)
-                op = result.op
-            else:
-                result = fit(cfg.method, stats, cfg.rank, init=init, **cfg.fit_options)
-                op = result.op
-                if has_past:
-                    op = average_terms(KronSum(state["approx_act"], state["approx_grad"]), op, rho)
+            if getattr(block, "gram_coordinates", True):
+                # Every fitter here works in rearranged(block): built (and cached) first, its span
+                # coordinates give fit's zero-block test ‖F‖_F for free.
+                rearranged(block)
+            result = fit(cfg.method, block, cfg.rank, init=init, **cfg.fit_options)
+            op = result.op
+            if has_past and not averaged:
+                op = average_terms(KronSum(state["approx_act"], state["approx_grad"]), op, rho)
         except RuntimeError as exc:  # torch.linalg.LinAlgError and FactorizationError among them
             self._warn("fit_fallbacks", f"{cfg.method} fit failed ({exc}); using the KFAC term for this layer")
             self.diagnostics.fit_fallbacks += 1

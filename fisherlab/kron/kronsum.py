@@ -87,7 +87,7 @@ class KronSum:
 
     def symmetrized(self) -> KronSum:
         """Each factor replaced by its symmetric part (exact symmetry is what eigensolvers assume)."""
-        return KronSum((self.act + self.act.mT) / 2, (self.grad + self.grad.mT) / 2)
+        return KronSum((self.act + self.act.mT).div_(2), (self.grad + self.grad.mT).div_(2))
 
     # -- products ------------------------------------------------------------------------
     def matvec(self, x: Tensor) -> Tensor:

@@ -79,8 +79,9 @@ class BlockStats(RankOneBlock, SampleBlock):
     @cached_property
     def _kfac(self) -> tuple[Tensor, Tensor]:
         n = self.n_samples
-        act, grad = self.a.T @ self.a / n, self.g.T @ self.g / n
-        return (act + act.T) / 2, (grad + grad.T) / 2
+        # In place where a temporary would do (the same numbers as ``(x + xᵀ) / 2`` of ``xᵀx / n``).
+        act, grad = (self.a.T @ self.a).div_(n), (self.g.T @ self.g).div_(n)
+        return (act + act.T).div_(2), (grad + grad.T).div_(2)
 
     def z_matvec(self, v: Tensor) -> Tensor:
         """``Z(F) vec(V) = (1/N) Σ_n (g_nᵀ V g_n) vec(a_n a_nᵀ)`` for ``V`` of shape (..., n, n).

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fisherlab.kron import METHODS, BlockStats, KronSum, dense_error1, fit
+from fisherlab.kron.averaged import AveragedBlock
 from fisherlab.kron.fitters import is_zero_block
 from fisherlab.kron.layout import rearrange, unvec, vec
 from fisherlab.kron.partial_svd import lanczos_svd
@@ -199,6 +200,19 @@ def test_zero_block_test_is_the_underflow_of_the_squared_norm():
     # float32 underflows far sooner: a block that is plainly nonzero in float64 is zero to rounding there.
     small = BlockStats(stats.a, stats.g * 1e-12)
     assert not is_zero_block(small) and is_zero_block(small.to(torch.float32))
+
+
+def test_zero_block_test_reads_the_norm_off_span_coordinates_already_built():
+    stats = CASES["network"]()
+    previous = fit("deflation", stats).op
+    blocks = {"batch": stats, "averaged": AveragedBlock(stats, previous, 0.7),
+              "zero": _zero_blocks()["zero"], "zero averaged": AveragedBlock(_zero_blocks()["zero"], previous * 0.0, 0.7)}
+    for name, block in blocks.items():
+        before = is_zero_block(block)
+        assert "span_rearranged" not in vars(block)  # the test builds nothing itself
+        core = block.span_rearranged.frobenius_norm()
+        torch.testing.assert_close(core, block.frobenius_norm(), rtol=1e-10, atol=0)  # ‖C‖_F = ‖F‖_F
+        assert is_zero_block(block) == before == name.startswith("zero"), name
 
 
 @pytest.mark.parametrize("rank", [1, 2])

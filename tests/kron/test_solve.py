@@ -9,6 +9,7 @@ from fisherlab.kron.solve import (
     FactorizationError,
     IndefiniteError,
     _cholesky,
+    _damped_inverse_factor,
     _whitened_eigh,
     damped_inverse,
     generalized_eigh,
@@ -55,6 +56,34 @@ def test_exact_damping_matches_dense(stats):
     _check(inv, op.to_dense() + 1e-2 * torch.eye(op.p, dtype=torch.float64), op)
     with pytest.raises(ValueError, match="single term"):
         damped_inverse(fit("deflation", stats).op, 1e-2, scheme="exact")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_damped_factor_inverse_reads_the_lower_triangle_and_is_exactly_symmetric(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 9, generator=gen, dtype=torch.float64)
+    factor = x.T @ x / 40
+    shift = 0.3
+    reference = torch.linalg.inv(factor + shift * torch.eye(9, dtype=torch.float64))
+    garbled = factor.to(dtype).clone()
+    garbled[torch.ones(9, 9, dtype=torch.bool).triu(1)] = float("nan")  # the upper triangle is never read
+    before = garbled.clone()
+    inv = _damped_inverse_factor(garbled, shift, "activation")
+    assert inv.dtype == dtype and torch.equal(inv, inv.T)
+    assert torch.equal(garbled.nan_to_num(), before.nan_to_num())  # the caller's factor is left alone
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(inv.double(), reference, rtol=tol, atol=tol * reference.abs().max())
+
+
+def test_damped_factor_inverse_retries_in_float64():
+    # In float32, 1 + 1e-10 rounds to 1 and ones + 1e-10 I is singular; in float64 it is not.
+    factor = torch.ones(2, 2, dtype=torch.float32)
+    inv = _damped_inverse_factor(factor, 1e-10, "gradient")
+    reference = torch.linalg.inv(torch.ones(2, 2, dtype=torch.float64) + 1e-10 * torch.eye(2, dtype=torch.float64))
+    assert inv.dtype == torch.float32
+    assert torch.allclose(inv.double(), reference, rtol=1e-5)
+    with pytest.raises(FactorizationError, match="damped gradient factor is not positive definite"):
+        _damped_inverse_factor(-factor, 1e-10, "gradient")
 
 
 def _indefinite_pair():
