@@ -6,7 +6,8 @@ then backpropagates the output vectors of the chosen Fisher type
 vector (batched over vectors by ``torch.autograd.grad(is_grads_batched=True)``). Row ``n`` of
 the gradient at a layer's output is sample ``n``'s only, so those passes give every sample's
 ``g_{n,t}``; the adapters of :mod:`fisherlab.layers` give the inputs' ``ā_{n,t}`` as
-:class:`~fisherlab.kron.shared.Patches` (a convolution's without unfolding them). A layer used at one position per sample (a ``Linear`` on 2-D inputs) gives a
+:class:`~fisherlab.kron.shared.Patches` (a convolution's without unfolding them). A layer
+used at one position per sample (a ``Linear`` on 2-D inputs) gives a
 :class:`~fisherlab.kron.BlockStats`, any other a :class:`~fisherlab.kron.shared.SharedBlock`.
 
 Typical use in a training step (before the training backward, which leaves it untouched)::

@@ -76,7 +76,8 @@ class SharedBlock(SampleBlock):
             formed in dense storage (the bias row of ``P_n`` is ``Σ_t g_{n,t}``).
         kfac: which KFAC form :meth:`kfac_factors` returns, ``"expand"`` or ``"reduce"``.
         kfac_forms: the forms computed (default: ``kfac``'s alone; expand's activation factor
-            costs ``2 B T d²`` flops, as much as the rest of the block on a convolution).
+            is the Gram of every position's input, ``2 B T d²`` flops from an unfolded
+            tensor, less from a convolution's :class:`Patches`).
         storage: ``"dense"`` or ``"factored"``; by default the smaller one.
 
     Raises:
