@@ -273,7 +273,7 @@ class ConvPatches(Patches):
         return dw.view(b, draws, n, -1).permute(1, 0, 3, 2).reshape(rows, -1, n)
 
     def gram(self) -> Tensor:
-        """``Σ_{b,t} ā ā_ᵀ`` by image rows (class docstring) where that costs fewer flops and
+        """``Σ_{b,t} ā āᵀ`` by image rows (class docstring) where that costs fewer flops and
         memory than the unfolded input's, else from the unfolded input."""
         b, c, h, w = self.x.shape
         (kh, _), (_, dh), (_, t, d) = self.kernel, self.dilation, self.shape
