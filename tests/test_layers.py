@@ -245,6 +245,11 @@ def test_conv_patches_give_the_reductions_of_the_unfolded_input(name, draws):
     products = torch.stack([act[r % b].T @ grad[r] for r in range(draws * b)])
     torch.testing.assert_close(patches.products(grad), products)
     torch.testing.assert_close(patches.products(grad.contiguous()), products)
+    if x.ndim == 4:  # any memory layout of the input: strided views read it as it is
+        other = adapter.patches(x.contiguous(memory_format=torch.channels_last), y)
+        torch.testing.assert_close(other.sums(), act.sum(1))
+        torch.testing.assert_close(other.gram(), gram)
+        torch.testing.assert_close(other.products(grad), products)
 
 
 def test_batch_norm_in_training_mode_is_refused_and_named():
