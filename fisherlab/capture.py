@@ -5,8 +5,9 @@ then backpropagates the output vectors of the chosen Fisher type
 (:func:`fisherlab.likelihoods.fisher_vectors`) to the saved outputs, one backward pass per
 vector (batched over vectors by ``torch.autograd.grad(is_grads_batched=True)``). Row ``n`` of
 the gradient at a layer's output is sample ``n``'s only, so those passes give every sample's
-``g_{n,t}``; the adapters of :mod:`fisherlab.layers` turn the inputs into ``ā_{n,t}`` by batched
-unfolding. A layer used at one position per sample (a ``Linear`` on 2-D inputs) gives a
+``g_{n,t}``; the adapters of :mod:`fisherlab.layers` give the inputs' ``ā_{n,t}`` as
+:class:`~fisherlab.kron.shared.Patches` (a convolution's without unfolding them). A layer
+used at one position per sample (a ``Linear`` on 2-D inputs) gives a
 :class:`~fisherlab.kron.BlockStats`, any other a :class:`~fisherlab.kron.shared.SharedBlock`.
 
 Typical use in a training step (before the training backward, which leaves it untouched)::
@@ -202,7 +203,7 @@ class BlockCapture:
             if grad.shape[1] == 1:
                 blocks[index] = BlockStats(adapter.augmented(s.inputs, s.outputs)[:, 0].repeat(count, 1), grad[:, 0])
             else:
-                blocks[index] = SharedBlock(adapter.unfold(s.inputs, s.outputs), grad, bias=adapter.bias,
+                blocks[index] = SharedBlock(adapter.patches(s.inputs, s.outputs), grad, bias=adapter.bias,
                                             kfac=self.kfac, kfac_forms=self.kfac_forms, storage=self.storage)
         return blocks
 

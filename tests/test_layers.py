@@ -13,7 +13,7 @@ from fisherlab.capture import BlockCapture
 from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
 from fisherlab.kron.shared import SharedBlock
-from fisherlab.layers import adapter_for
+from fisherlab.layers import _row_gram, adapter_for
 from fisherlab.likelihoods import fisher_vectors, get_likelihood
 
 
@@ -207,6 +207,49 @@ def test_conv_transpose_matrix_is_the_equivalent_direct_convolution():
     act = adapter.augmented(x, y)  # (B, T, d_a)
     direct = act @ adapter.weight_matrix().T  # (B, T, C_out)
     torch.testing.assert_close(adapter.positions(y), direct)
+
+
+#: Convolutions of the geometries the adapters handle, with their inputs' shapes: strides,
+#: dilations, symmetric, "same" (asymmetric) and no padding, 1-D, transposed.
+CONVS = {
+    "conv2d": (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 7, 6)),
+    "conv2d_same": (lambda: nn.Conv2d(3, 2, 2, bias=False, padding="same"), (3, 5, 4)),
+    "conv2d_strided": (lambda: nn.Conv2d(2, 2, 3, stride=(2, 3), dilation=(2, 1)), (2, 9, 8)),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), (2, 7)),
+    "conv_transpose": (lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2),
+                                                  dilation=(2, 1)), (2, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("draws", [1, 3])
+def test_conv_patches_give_the_reductions_of_the_unfolded_input(name, draws):
+    factory, shape = CONVS[name]
+    torch.manual_seed(0)
+    layer = factory().double()
+    x = torch.randn(BATCH, *shape, dtype=torch.float64)
+    y = layer(x)
+    adapter = adapter_for(layer)
+    patches = adapter.patches(x, y)
+    act = adapter.unfold(x, y)
+    # The unfolded input is the layer's: W ā_t gives the output at every position.
+    torch.testing.assert_close(adapter.augmented(x, y) @ adapter.weight_matrix().T, adapter.positions(y).detach())
+    b, t, d = act.shape
+    assert patches.shape == (b, t, d) and patches.dtype == torch.float64
+    grad = torch.randn(draws * b, adapter.d_out, t, dtype=torch.float64).transpose(1, 2)  # a capture's layout
+    gram = torch.einsum("btd,bte->de", act, act)
+    torch.testing.assert_close(patches.gram(), gram)
+    torch.testing.assert_close(_row_gram(patches.x, patches.kernel, patches.stride, patches.dilation, patches.out), gram)
+    torch.testing.assert_close(patches.sums(), act.sum(1))
+    torch.testing.assert_close(patches.total(), act.sum((0, 1)))
+    products = torch.stack([act[r % b].T @ grad[r] for r in range(draws * b)])
+    torch.testing.assert_close(patches.products(grad), products)
+    torch.testing.assert_close(patches.products(grad.contiguous()), products)
+    if x.ndim == 4:  # any memory layout of the input: strided views read it as it is
+        other = adapter.patches(x.contiguous(memory_format=torch.channels_last), y)
+        torch.testing.assert_close(other.sums(), act.sum(1))
+        torch.testing.assert_close(other.gram(), gram)
+        torch.testing.assert_close(other.products(grad), products)
 
 
 def test_batch_norm_in_training_mode_is_refused_and_named():

@@ -15,8 +15,8 @@ from fisherlab.cli import main
 from fisherlab.errors import UserInputError
 from fisherlab.kron import BlockStats
 from fisherlab.kron.shared import SharedBlock
-from fisherlab.problems import load_factory
-from fisherlab.record import record
+from fisherlab.problems import lenet5, load_factory
+from fisherlab.record import Recorder, record
 from fisherlab.store import RunReader
 
 ROOT = Path(__file__).parent.parent
@@ -224,3 +224,19 @@ def test_linear_code_is_refused_for_networks(tmp_path):
     with pytest.raises(UserInputError, match="linear_code"):
         record(model=EXAMPLE, out=tmp_path / "run.h5", steps=1, linear_code=True, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_step_that_is_not_due_runs_the_plain_forward_pass_without_hooks():
+    torch.manual_seed(0)
+    model = lenet5()
+    x, y = torch.rand(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    recorder = Recorder(model, "categorical", range(1, 6), every=10)
+    seen = []
+    conv = model[0]
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(len(module._forward_hooks)))
+    out = recorder.forward(model, x, 3, y)  # not due: the model's own forward pass, nothing captured
+    assert seen == [1] and recorder.stats is None and not recorder.capture._saved
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    recorder.forward(model, x, 10, y)  # due: the capture's hooks run beside ours
+    assert seen[2] == 2 and set(recorder.stats) == set(range(1, 6))
+    assert len(conv._forward_hooks) == 1  # the capture's hook is gone again

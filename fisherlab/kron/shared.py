@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -64,8 +65,10 @@ class SharedBlock(SampleBlock):
     coordinates (:attr:`gram_coordinates` is False): the fitters use :meth:`z_operator`.
 
     Args:
-        act: ``(B, T, d)`` unfolded inputs ``a_{b,t}``; any strides (a transposed view of
-            ``F.unfold``'s output is used as it is).
+        act: ``(B, T, d)`` unfolded inputs ``a_{b,t}``, any strides (a transposed view of
+            ``F.unfold``'s output is used as it is), or :class:`Patches` that give the block's
+            reductions of them without forming them (a convolution's,
+            :meth:`fisherlab.layers.LayerAdapter.patches`).
         grad: ``(N, T, n)`` output gradients ``g_{r,t}``, ``N = K B`` rows draw-major: row
             ``r`` belongs to input ``r mod B`` (``K`` target draws, or ``K`` columns of a
             Hessian square root, per input).
@@ -73,7 +76,8 @@ class SharedBlock(SampleBlock):
             formed in dense storage (the bias row of ``P_n`` is ``Σ_t g_{n,t}``).
         kfac: which KFAC form :meth:`kfac_factors` returns, ``"expand"`` or ``"reduce"``.
         kfac_forms: the forms computed (default: ``kfac``'s alone; expand's activation factor
-            costs ``2 B T d²`` flops, as much as the rest of the block on a convolution).
+            is the Gram of every position's input, ``2 B T d²`` flops from an unfolded
+            tensor, less from a convolution's :class:`Patches`).
         storage: ``"dense"`` or ``"factored"``; by default the smaller one.
 
     Raises:
@@ -82,16 +86,17 @@ class SharedBlock(SampleBlock):
 
     gram_coordinates = False
 
-    def __init__(self, act: Tensor, grad: Tensor, *, bias: bool = False, kfac: str = "expand",
+    def __init__(self, act: Tensor | Patches, grad: Tensor, *, bias: bool = False, kfac: str = "expand",
                  kfac_forms: tuple[str, ...] | None = None, storage: str | None = None):
-        if act.ndim != 3 or grad.ndim != 3:
+        patches = act if isinstance(act, Patches) else UnfoldedPatches(act)
+        if len(patches.shape) != 3 or grad.ndim != 3:
             raise ValueError(
-                f"act and grad must be 3-D (samples, positions, features), got {tuple(act.shape)} and {tuple(grad.shape)}"
+                f"act and grad must be 3-D (samples, positions, features), got {tuple(patches.shape)} and {tuple(grad.shape)}"
             )
-        b, t, d = act.shape
+        b, t, d = patches.shape
         if b == 0 or grad.shape[0] % b or grad.shape[1] != t:
             raise ValueError(f"grad {tuple(grad.shape)} needs a positive multiple of act's {b} rows and its {t} positions")
-        if act.dtype != grad.dtype or act.device != grad.device or not act.is_floating_point():
+        if patches.dtype != grad.dtype or patches.device != grad.device or not patches.dtype.is_floating_point:
             raise ValueError("act and grad must be floating point and share dtype and device")
         forms = (kfac,) if kfac_forms is None else tuple(dict.fromkeys(kfac_forms))
         if kfac not in KFAC_FORMS or not set(forms) <= set(KFAC_FORMS) or kfac not in forms:
@@ -102,28 +107,23 @@ class SharedBlock(SampleBlock):
             storage = "dense" if m * n <= t * (m + n) else "factored"
         elif storage not in STORAGES:
             raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGES)}")
-        draws = rows // b
+        sum_grad = grad.sum(dim=1)  # ĝ_r, and the bias row of P_r
         self._pairs = {}
         if "expand" in forms:
-            cov = _bordered(_position_gram(act), act.sum((0, 1)), b * t, bias)
+            cov = _bordered(patches.gram(), patches.total(), b * t, bias)
             self._pairs["expand"] = (_sym(cov / (b * t)), _sym(_position_gram(grad) / rows))
         if "reduce" in forms:
-            mean_act = act.mean(dim=1)
-            sum_grad = grad.sum(dim=1)
+            mean_act = patches.sums() / t
             cov = _bordered(mean_act.T @ mean_act, mean_act.sum(0), b, bias)
             self._pairs["reduce"] = (_sym(cov / b), _sym(sum_grad.T @ sum_grad / rows))
         self.kfac_form, self.storage, self.positions = kfac, storage, t
         self._shape = (rows, m, n)
         if storage == "dense":
-            # P_r = Ā_bᵀ G_r for every draw at once: one bmm over the inputs, no repeated Ā, on
-            # the gradients' (n, T) layout that a convolution's output gives (a view for K = 1).
-            grad_t = grad.transpose(1, 2).unflatten(0, (draws, b)).transpose(0, 1).reshape(b, draws * n, t)
-            p = act.mT @ grad_t.mT  # (B, d, K n)
-            if bias:
-                p = torch.cat([grad_t.sum(-1)[:, None], p], dim=1)
+            p = patches.products(grad)
             self.act = self.grad = None
-            self.p_samples = p.unflatten(2, (draws, n)).permute(2, 0, 1, 3).reshape(-1, m, n)
+            self.p_samples = torch.cat([sum_grad[:, None], p], dim=1) if bias else p.contiguous()
         else:
+            act = patches.tensor()
             if bias:
                 act = torch.cat([torch.ones_like(act[..., :1]), act], dim=-1)
             self.act, self.grad, self.p_samples = act, grad, None
@@ -264,15 +264,24 @@ class SharedBlock(SampleBlock):
         """``vec(∇W_n)ᵀ (A_j ⊗ G_j) vec(∇W_n) = ⟨A_j P_n, P_n G_j⟩_F`` for stacked factors ``act``
         (r, m, m) and ``grad`` (r, n, n); an ``(r, N)`` tensor whose row means are ``⟨F, A_j ⊗ G_j⟩``."""
         if self.p_samples is not None:
-            p = self.p_samples
-            return ((act[:, None] @ p) * (p @ grad[:, None])).sum((-2, -1))
+            # A_j [P_1 … P_N] as one matmul per term: four times the batched (m × m)(m × n) products' speed.
+            n_samples, m, n = self.p_samples.shape
+            left = (act @ self._p_rows).unflatten(-1, (n_samples, n)).transpose(-3, -2)  # (r, N, m, n)
+            right = (self.p_samples.reshape(-1, n) @ grad).unflatten(-2, (n_samples, m))
+            return (left * right).sum((-2, -1))
         # ⟨G_n G_j G_nᵀ, Ā_n A_j Ā_nᵀ⟩ on T × T matrices.
         left = (self.act @ act[:, None]) @ self.act.mT  # (r, B, T, T)
         right = ((self.grad @ grad[:, None]) @ self.grad.mT).unflatten(1, (self.draws, -1))  # (r, K, B, T, T)
         return (right * left[:, None]).sum((-2, -1)).flatten(1)
 
     def kernel_matrix(self) -> Tensor:
-        """``K/N`` with ``K_nm = ⟨P_n, P_m⟩_F``: its eigenvalues are the nonzero eigenvalues of F."""
+        """``K/N`` with ``K_nm = ⟨P_n, P_m⟩_F``: its eigenvalues are the nonzero eigenvalues of F.
+        Computed once (the norm, the spectrum and every fit's zero-block check ask for it); do
+        not modify it."""
+        return self._kernel
+
+    @cached_property
+    def _kernel(self) -> Tensor:
         if self.p_samples is not None:
             phi = self.p_samples.flatten(1)
             return phi @ phi.T / self.n_samples
@@ -295,7 +304,11 @@ class SharedBlock(SampleBlock):
         return self.act.repeat(self.draws, 1, 1).mT @ self.grad
 
     def frobenius_norm(self) -> Tensor:
-        """``‖F‖_F = ‖K‖_F / N``, or ``‖ΦᵀΦ‖_F / N`` where the block is the smaller side."""
+        """``‖F‖_F = ‖K‖_F / N``, or ``‖ΦᵀΦ‖_F / N`` where the block is the smaller side (computed once)."""
+        return self._norm
+
+    @cached_property
+    def _norm(self) -> Tensor:
         if self.p_samples is not None and self.p < self.n_samples:
             phi = self.p_samples.flatten(1)
             return torch.linalg.matrix_norm(phi.T @ phi) / self.n_samples
@@ -378,6 +391,78 @@ def symmetric_part(z: Tensor, m: int, n: int) -> Tensor:
     z = z.reshape(m, m, n, n)
     z = (z + z.transpose(0, 1)) / 2
     return ((z + z.transpose(2, 3)) / 2).reshape(m * m, n * n)
+
+
+class Patches(ABC):
+    """The unfolded inputs ``a_{b,t}`` (B, T, d) of a weight-sharing layer, through the
+    reductions a :class:`SharedBlock` takes of them: a layer whose unfolded input is much
+    larger than its input (a convolution's is ``k_h k_w`` times larger) gives them without
+    forming it.
+
+    Attributes:
+        shape: ``(B, T, d)``.
+        dtype, device: those of the inputs.
+    """
+
+    shape: tuple[int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @abstractmethod
+    def tensor(self) -> Tensor:
+        """``a`` itself, ``(B, T, d)`` (any strides)."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """``Σ_{b,t} a_{b,t} a_{b,t}ᵀ`` (d × d)."""
+
+    @abstractmethod
+    def sums(self) -> Tensor:
+        """``Σ_t a_{b,t}`` for every sample, ``(B, d)``."""
+
+    def total(self) -> Tensor:
+        """``Σ_{b,t} a_{b,t}`` (d)."""
+        return self.sums().sum(0)
+
+    @abstractmethod
+    def products(self, grad: Tensor) -> Tensor:
+        """``Σ_t a_{r mod B, t} g_{r,t}ᵀ`` for gradients ``grad`` (N, T, n), ``N = K B`` rows
+        draw-major; ``(N, d, n)``, any strides."""
+
+
+class UnfoldedPatches(Patches):
+    """:class:`Patches` of a formed ``(B, T, d)`` tensor, of any strides."""
+
+    def __init__(self, act: Tensor):
+        self.act = act
+        self.shape = tuple(act.shape)
+        self.dtype, self.device = act.dtype, act.device
+
+    def tensor(self) -> Tensor:
+        """The tensor itself."""
+        return self.act
+
+    def gram(self) -> Tensor:
+        """:func:`_position_gram` of the tensor."""
+        return _position_gram(self.act)
+
+    def sums(self) -> Tensor:
+        """The sums over positions."""
+        return self.act.sum(1)
+
+    def total(self) -> Tensor:
+        """The sum over samples and positions."""
+        return self.act.sum((0, 1))
+
+    def products(self, grad: Tensor) -> Tensor:
+        """One bmm over the inputs for every draw at once, no repeated ``a``, on the gradients'
+        ``(n, T)`` layout that a convolution's output gives (a view for ``K = 1``)."""
+        b, t, _ = self.act.shape
+        rows, _, n = grad.shape
+        draws = rows // b
+        grad_t = grad.transpose(1, 2).unflatten(0, (draws, b)).transpose(0, 1).reshape(b, draws * n, t)
+        p = self.act.mT @ grad_t.mT  # (B, d, K n)
+        return p.unflatten(2, (draws, n)).permute(2, 0, 1, 3).reshape(rows, -1, n)
 
 
 def _position_gram(act: Tensor) -> Tensor:
