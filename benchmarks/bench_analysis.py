@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fisherlab-bench-analysis"),
                     help="where the recorded one-step run file is cached")
-    ap.add_argument("--layers", default="all", help="'all' or a comma list of 1-based layers (5 is always included, but with --compare)")
+    ap.add_argument("--layers", default="all",
+                    help="'all' or a comma list of 1-based layers (5 is always included, but with --compare)")
     ap.add_argument("--methods", default=",".join(METHODS5), help="comma list of methods")
     ap.add_argument("--error2-timeout-s", type=float, default=300.0,
                     help="cap on one matrix-free Error 2 of a multi-term sum (0: no cap, in-process)")
