@@ -49,7 +49,15 @@ total eigenvalue error relative to ``Σ|θ_i|``; Error 2 passes ``w = λ(F)``, w
 eigenvalues near ``k`` need only a few digits. Convergence is tested from dimension ``2k`` on,
 the next test where the logarithm of the weighted error, extrapolated from the last two tests,
 meets the budget: each test is an eigendecomposition of ``T``, too costly to run at a fixed
-interval.
+interval where ``p`` is small. Where ``p`` is large a test costs little next to a block of
+products and reorthogonalization, and tests come closer (a third of the way to the
+extrapolated dimension, which overshoots). A caller may replace the test by its own
+criterion (certified Error 2 asks whether some top ``k' ≤ k`` already certify its interval),
+and start testing earlier.
+
+Memory. The block's products, projections and SVD write into buffers kept for the whole
+run: a fresh array of a block's size (tens of MB) is page-faulted afresh by the allocator,
+which costs as much as the arithmetic on it.
 
 Pure torch: any device, float32 or float64.
 
