@@ -355,7 +355,8 @@ def _run_dask(
     reader: RunReader, settings: _Settings, blocks: list[tuple[int, int]], bar: tqdm,
     workers: int | None, scheduler: str | None,
 ) -> None:
-    """The serial loop's blocks as Dask tasks, at most a few per worker in flight.
+    """The serial loop's blocks as Dask tasks, at most a few per worker in flight, the largest
+    of each step first.
 
     Each block's statistics travel with its task; with warm starts the task also takes the
     previous task of its layer (its warm fits stay on the workers: only the results to write
@@ -374,7 +375,7 @@ def _run_dask(
             cluster = local_cluster(workers)
             client = distributed.Client(cluster)
         with client:
-            _schedule(client, distributed.as_completed(), reader, settings, iter(blocks), bar)
+            _schedule(client, distributed.as_completed(), reader, settings, iter(_largest_first(reader, blocks)), bar)
     finally:
         if cluster is not None:
             cluster.close()
@@ -382,6 +383,13 @@ def _run_dask(
             for key in set(os.environ) - set(environ):
                 del os.environ[key]
             os.environ.update(environ)
+
+
+def _largest_first(reader: RunReader, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The blocks of each step by decreasing size ``p``, steps in order (a layer's warm-start
+    chain keeps its order): the workers take the longest first and finish nearly together."""
+    size = {i: (spec.d_in + spec.bias) * spec.d_out for i, spec in reader.layer_specs.items()}
+    return sorted(blocks, key=lambda block: (block[0], -size[block[1]]))
 
 
 #: glibc's largest mmap threshold (32 MiB on 64-bit systems).

@@ -132,3 +132,14 @@ def test_an_unreachable_scheduler_is_one_line(run_file, monkeypatch, capsys):  #
     assert main(["analyze", str(run_file), "--scheduler", "tcp://127.0.0.1:1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in err
+
+
+def test_dask_blocks_go_largest_first_within_each_step():
+    from fisherlab.analysis import _largest_first
+    from fisherlab.store import LayerSpec
+
+    class Reader:
+        layer_specs = {1: LayerSpec(30, 20), 2: LayerSpec(100, 50), 3: LayerSpec(5, 5, bias=False)}
+
+    blocks = [(step, layer) for step in (0, 10) for layer in (1, 2, 3)]
+    assert _largest_first(Reader(), blocks) == [(0, 2), (0, 1), (0, 3), (10, 2), (10, 1), (10, 3)]

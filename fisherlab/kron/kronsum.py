@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron.block import DEFAULT_MAX_DENSE_ENTRIES, check_dense_size
-from fisherlab.kron.eigensolvers import kron_top_eigenvalues, top_eigenvalues
+from fisherlab.kron.eigensolvers import TopEigen, kron_top_eigenvalues, top_eigenvalues
 from fisherlab.kron.layout import unvec, vec
 
 #: Sums with ``p`` up to this size (after :meth:`KronSum.compressed`) get their eigenvalues
@@ -119,7 +119,8 @@ class KronSum:
     # -- spectrum ------------------------------------------------------------------------
     def eigenvalues(
         self, k: int | None = None, tol: float = 1e-8, weights: Tensor | None = None,
-        progress: Callable[..., None] | None = None,
+        progress: Callable[..., None] | None = None, criterion: Callable[[TopEigen], float] | None = None,
+        first_test: int | None = None,
     ) -> Tensor:
         """The ``k`` algebraically largest eigenvalues (all ``p`` when ``k`` is None), descending.
 
@@ -139,7 +140,8 @@ class KronSum:
         "Largest" is algebraic, so indefinite sums are handled. Accuracy: ``Σ w_i |θ_i − μ_i| ≤
         tol Σ w_i |θ_i|`` for the returned ``θ`` (``w`` = ``weights``, default all ones; ARPACK
         meets it pair by pair, ``|θ_i − μ_i| ≤ tol |θ_i|``). Factors are symmetrized first.
-        ``progress`` is passed to the block Lanczos solver (its Krylov dimension and accuracy).
+        ``progress``, ``criterion`` and ``first_test`` are passed to the block Lanczos solver
+        (its Krylov dimension and accuracy; a caller's own stopping test), the others ignore them.
         """
         sym = self.symmetrized()
         k = self.p if k is None else min(k, self.p)
@@ -162,7 +164,9 @@ class KronSum:
             top = top_eigenvalues(matvec, small.p, kk, self.act.dtype, self.act.device, tol=tol)
         else:
             w = None if weights is None else weights[:kk]
-            top = kron_top_eigenvalues(small.act, small.grad, kk, tol=tol, weights=w, progress=progress).values
+            top = kron_top_eigenvalues(
+                small.act, small.grad, kk, tol=tol, weights=w, progress=progress, criterion=criterion, first_test=first_test
+            ).values
         return torch.sort(torch.cat([top, zeros]), descending=True).values[:k]
 
     def eigen_solver(self, k: int | None = None) -> str:

@@ -21,6 +21,7 @@ number, e.g. a layer under dead ReLUs): :class:`ExactReference` then raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from fisherlab.kron.eigensolvers import TopEigen
 from fisherlab.kron.kronsum import KronSum
 from fisherlab.kron.stats import BlockStats
 
@@ -98,9 +100,18 @@ class ExactReference:
         One-term and small sums are exact (dense). The eigensolver's accuracy widens the
         interval by that weighted sum.
 
+        With block Lanczos (large multi-term sums) one Krylov space serves every ``k``: it is
+        grown for the top ``N``, and each of its convergence tests tries ``k = 32, 64, …, N``
+        with the top ``k`` Ritz values and their error bounds ``e_i``
+        (:func:`~fisherlab.kron.eigensolvers.kron_top_eigenvalues`), which widen the interval
+        by ``Σ_{i≤k} λ_i(F) e_i``; a ``k`` counts once that sum is within ``tol`` (or
+        :data:`EXACT_TOL`) of ``Σ_{i≤k} λ_i(F)|θ_i|``, as if solved alone to that accuracy,
+        and the smallest ``k`` that certifies ``rtol`` stops it. ARPACK (few eigenvalues)
+        solves each ``k`` afresh to ``tol``.
+
         Args:
             rtol: relative half-width allowed on Error 2.
-            tol: residual tolerance of the iterative eigensolver for large multi-term ``F̂``.
+            tol: weighted accuracy of the iterative eigensolvers in the certified mode.
             progress: told of the work inside a long Error 2 as keyword arguments: the block
                 Lanczos solver's ``krylov`` dimension and ``accuracy``, then, in the certified
                 mode, each interval ``k`` (eigenvalues known) and ``error2`` (``"lo–hi"``).
@@ -110,40 +121,104 @@ class ExactReference:
         """
         self._check_nonzero()
         approx = approx.symmetrized()
-        lam_f = self.eigenvalues
-        k_all = lam_f.shape[0]
-        base = self.norm2 + approx.inner(approx)
-        dense = approx.eigen_solver(k_all) in ("closed form", "dense")  # exact to rounding
+        k_all = self.eigenvalues.shape[0]
+        solver = approx.eigen_solver(k_all)
+        dense = solver in ("closed form", "dense")  # exact to rounding
         exact = rtol <= 0 or dense
+        bounds = _Bounds(self, approx, exact)
+        if solver == "lanczos":
+            return self._error2_one_space(approx, bounds, rtol, tol, exact, progress)
         k = k_all if exact else min(k_all, 32)
-        mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i
-        positive = 0 if exact else positive_count(approx)  # μ_i > 0 for i ≤ this (inertia)
-        norm = self.norm2.sqrt()
         tol = 0.0 if dense else EXACT_TOL if rtol <= 0 else tol
         while True:
-            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=lam_f[:k], progress=progress)
-            known = (lam_f[:k] * lam_hat).sum()
-            slack = tol * (lam_f[:k] * lam_hat.abs()).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this
-            lo_mu = float(lam_hat[-1]) if exact else min(float(lam_hat[-1]), mu_lo)
-            # Σ_{i>k} μ_i² ≤ s = ‖F̂‖² − Σ_{i≤k} μ_i² (exact for symmetric F̂), so by the order of the
-            # μ_i: μ_i ≤ (s/(i−k))^{1/2} and μ_i ≥ −(s/(p−i+1))^{1/2} (a negative μ_i makes all
-            # later ones at least as negative; tight where p ≫ N), and Cauchy–Schwarz.
-            energy = (approx.inner(approx) - (lam_hat**2).sum()).clamp_min(0)
-            cs = (lam_f[k:] ** 2).sum().sqrt() * energy.sqrt()
-            pos = torch.arange(k + 1, k_all + 1, dtype=lam_f.dtype, device=lam_f.device)
-            mu_hi = torch.minimum((energy / (pos - k)).sqrt(), lam_hat[-1])
-            mu_lo_i = (-(energy / (approx.p - pos + 1)).sqrt()).clamp_min(lo_mu)
-            mu_lo_i = torch.where(pos <= positive, mu_lo_i.clamp_min(0), mu_lo_i)
-            tail_hi = torch.minimum((lam_f[k:] * mu_hi).sum(), cs)
-            tail_lo = torch.maximum((lam_f[k:] * mu_lo_i).sum(), -cs)
-            e_lo = float((base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / norm)
-            e_hi = float((base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / norm)
+            lam_hat = approx.eigenvalues(k=k, tol=tol, weights=self.eigenvalues[:k], progress=progress)
+            slack = tol * (self.eigenvalues[:k] * lam_hat.abs()).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this
+            e_lo, e_hi = bounds.interval(lam_hat, slack, lam_hat[-1])
             mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
             if progress is not None and not exact:
                 progress(k=k, error2=f"{e_lo:.4g}–{e_hi:.4g}")
             if k >= k_all or half <= rtol * mid:
                 return SpectralError(mid, half, lam_hat)
             k = min(2 * k, k_all)
+
+    def _error2_one_space(
+        self, approx: KronSum, bounds: _Bounds, rtol: float, tol: float, exact: bool,
+        progress: Callable[..., None] | None,
+    ) -> SpectralError:
+        """:meth:`error2` through one block Lanczos space for the top ``N`` (docstring there)."""
+        lam_f = self.eigenvalues
+        k_all = lam_f.shape[0]
+        accuracy = EXACT_TOL if exact else tol
+        ks = [k_all] if exact else sorted({min(32 * 2**j, k_all) for j in range(max(1, k_all.bit_length()))})
+        found: list[SpectralError] = []
+
+        def criterion(top: TopEigen) -> float:
+            best = None
+            for k in (k for k in ks if k <= top.values.shape[0]):
+                lam_hat, err = top.values[:k], top.errors[:k]
+                slack = (lam_f[:k] * err).sum()  # Σ λ_i(F) |θ_i − μ_i| ≤ this (error bounds e_i)
+                e_lo, e_hi = bounds.interval(lam_hat, slack, lam_hat[-1] + err[-1])
+                mid, half = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
+                # The error bounds hold once the Ritz values have converged (module docstring of
+                # eigensolvers): k's values count only at the weighted accuracy they were asked.
+                weighted = float((lam_f[:k] * lam_hat.abs()).sum())
+                ratio = float(slack) / (accuracy * weighted) if weighted > 0 else 0.0
+                if not exact:
+                    ratio = max(ratio, half / (rtol * mid) if mid > 0 else 0.0 if half == 0 else math.inf)
+                if best is None or ratio < best[0]:
+                    best = (ratio, k, e_lo, e_hi, SpectralError(mid, half, lam_hat))
+                if ratio <= 1:
+                    break
+            if best is None:
+                return math.inf
+            found[:] = [best[4]]
+            if progress is not None and not exact:
+                progress(k=best[1], error2=f"{best[2]:.4g}–{best[3]:.4g}")
+            return best[0]
+
+        approx.eigenvalues(
+            k=k_all, weights=lam_f, progress=progress, criterion=criterion, first_test=None if exact else 2 * ks[0]
+        )
+        return found[0]
+
+
+class _Bounds:
+    """Bounds on ``Σ_{i≤N} λ_i(F) μ_i`` given the top ``k`` eigenvalues of ``F̂`` (:meth:`ExactReference.error2`)."""
+
+    def __init__(self, ref: ExactReference, approx: KronSum, exact: bool):
+        self.lam_f = ref.eigenvalues
+        self.norm = ref.norm2.sqrt()
+        self.energy = approx.inner(approx)
+        self.base = ref.norm2 + self.energy
+        self.p = approx.p
+        self.mu_lo = None if exact else approx.min_eigenvalue_bound()  # below every unknown μ_i
+        self.positive = 0 if exact else positive_count(approx)  # μ_i > 0 for i ≤ this (inertia)
+
+    def interval(self, lam_hat: Tensor, slack: Tensor, top_k: Tensor) -> tuple[float, float]:
+        """Error 2's interval from ``μ_i ≈ lam_hat_i`` (``i ≤ k``, ``Σ λ_i(F)|θ_i − μ_i| ≤ slack``)
+        and ``μ_{k+1} ≤ top_k``."""
+        lam_f = self.lam_f
+        k, k_all = lam_hat.shape[0], lam_f.shape[0]
+        known = (lam_f[:k] * lam_hat).sum()
+        if k >= k_all:
+            tail_lo = tail_hi = known.new_zeros(())
+        else:
+            # Σ_{i>k} μ_i² ≤ s = ‖F̂‖² − Σ_{i≤k} μ_i² (exact for symmetric F̂; θ_i ≤ μ_i, so the positive
+            # θ_i² do not exceed μ_i²), so by the order of the μ_i: μ_i ≤ (s/(i−k))^{1/2} and
+            # μ_i ≥ −(s/(p−i+1))^{1/2} (a negative μ_i makes all later ones at least as negative;
+            # tight where p ≫ N), and Cauchy–Schwarz.
+            lo_mu = min(float(lam_hat[-1]), self.mu_lo)
+            energy = (self.energy - (lam_hat.clamp_min(0) ** 2).sum()).clamp_min(0)
+            cs = (lam_f[k:] ** 2).sum().sqrt() * energy.sqrt()
+            pos = torch.arange(k + 1, k_all + 1, dtype=lam_f.dtype, device=lam_f.device)
+            mu_hi = torch.minimum((energy / (pos - k)).sqrt(), top_k)
+            mu_lo_i = (-(energy / (self.p - pos + 1)).sqrt()).clamp_min(lo_mu)
+            mu_lo_i = torch.where(pos <= self.positive, mu_lo_i.clamp_min(0), mu_lo_i)
+            tail_hi = torch.minimum((lam_f[k:] * mu_hi).sum(), cs)
+            tail_lo = torch.maximum((lam_f[k:] * mu_lo_i).sum(), -cs)
+        e_lo = float((self.base - 2 * (known + slack + tail_hi)).clamp_min(0).sqrt() / self.norm)
+        e_hi = float((self.base - 2 * (known - slack + tail_lo)).clamp_min(0).sqrt() / self.norm)
+        return e_lo, e_hi
 
 
 def positive_count(approx: KronSum) -> int:

@@ -157,3 +157,70 @@ def test_wide_svd_matches_lapack(kind):
     keep = sig > 1e-12 * sig[0]
     rows = vt[keep]
     torch.testing.assert_close(rows @ rows.mT, torch.eye(int(keep.sum()), dtype=torch.float64), rtol=0, atol=1e-13)
+
+
+def test_a_criterion_stops_the_space_where_the_caller_is_done(monkeypatch):
+    # The caller's criterion replaces the weighted test: it sees the top min(k, dim) Ritz values
+    # at each test from first_test on (blocks of 4 here), and its ratio ≤ 1 stops the space there.
+    from fisherlab.kron import eigensolvers
+
+    monkeypatch.setattr(eigensolvers, "BLOCK", 4)
+    op = _sum(9, 12, 10)
+    lam = _dense_top(op)
+    seen = []
+
+    def criterion(out):
+        seen.append(out.dim)
+        n = out.values.shape[0]
+        return 0.5 if n >= 8 and float(out.errors[:8].max()) <= 1e-10 * float(lam.abs().max()) else 2.0
+
+    out = kron_top_eigenvalues(op.act, op.grad, 40, criterion=criterion, first_test=8)
+    assert seen[0] == 8 and seen == sorted(set(seen)) and out.dim == seen[-1]
+    assert out.values.shape[0] == min(40, out.dim)
+    assert torch.allclose(out.values[:8], lam[:8], rtol=0, atol=1e-10 * lam.abs().max())
+    assert out.dim < kron_top_eigenvalues(op.act, op.grad, 40, tol=1e-13).dim  # stopped before the top 40 converged
+
+
+def test_semi_orthogonal_reorthogonalization_keeps_dense_accuracy(monkeypatch):
+    # Projections below ε^{3/4} are left in place: the values still match dense eigvalsh to the
+    # requested accuracy, and the subtraction is skipped for some blocks, not all.
+    from fisherlab.kron import eigensolvers
+
+    monkeypatch.setattr(eigensolvers, "BLOCK", 4)
+    op, w = _fitted(3, 9, 60, 96)
+    lam = _dense_top(op)[: w.shape[0]]
+    out = kron_top_eigenvalues(op.act, op.grad, w.shape[0], tol=1e-12, weights=w)
+    assert float((w * (out.values - lam).abs()).sum()) <= 1e-12 * float((w * out.values.abs()).sum())
+    subtracted = []
+    real_addmm = torch.Tensor.addmm_
+
+    def counting(self, mat1, mat2, **kwargs):
+        subtracted.append(mat2.shape[0])
+        return real_addmm(self, mat1, mat2, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    kron_top_eigenvalues(op.act, op.grad, w.shape[0], tol=1e-12, weights=w)
+    blocks = out.dim // 4
+    # per block: B_j (X C_j) per vector (4), the block's own projection, the previous block's
+    # (all but the first), and the reorthogonalization against the basis (only where needed)
+    local = blocks * 4 + blocks + (blocks - 1)
+    assert local < len(subtracted) < local + blocks  # some blocks skipped the subtraction, not all
+
+
+@pytest.mark.parametrize("method", ["deflation", "kfac_corrected"])
+def test_certified_error2_grows_one_krylov_space(method, lanczos_path):
+    # p = 2,440, N = 100: k = 32, 64 and 100 are tried on one block Lanczos space for the top N
+    # (no restart per k); every interval brackets the dense Error 2 and meets its rtol.
+    stats = _random(13, 100, 60, 40)
+    op = fit(method, stats).op
+    exact = dense_error2(stats.to_dense(), op.to_dense())
+    ref = ExactReference(stats)
+    ks = []
+    for rtol in (0.3, 1e-2, 1e-5):
+        est = ref.error2(op, rtol=rtol)
+        assert abs(est.value - exact) <= est.halfwidth + 1e-14 and est.halfwidth <= rtol * est.value, rtol
+        ks.append(est.eigenvalues.shape[0])
+    assert lanczos_path == [100, 100, 100]  # one call per Error 2, for the top N
+    assert ks[0] == 32 and ks[-1] == 100  # a loose rtol stops at the first k, a tight one needs N
+    # the exact mode, and the certified one where it must reach k = N, meet the exact value
+    assert abs(ref.error2(op).value - exact) <= 1e-9 * exact
