@@ -1,4 +1,4 @@
-"""The Figure 2 runner's stages, cache and shards, and its claim table, on fake runs."""
+"""The Figure 2 runner's stages, cache, halving and shared work, and its claim table, on fake runs."""
 
 from __future__ import annotations
 
@@ -85,12 +85,10 @@ def test_search_then_finalists_to_the_full_horizon(runner):
     assert run.main(["--profile", "p", "--stage", "final"]) == 0 and calls == []  # all cached
 
 
-def test_a_cached_run_with_other_settings_is_run_again_and_shards_split_the_work(runner):
+def test_a_cached_run_with_other_settings_is_run_again(runner):
     run, calls, root = runner
-    assert run.main(["--profile", "p", "--stage", "search", "--optimizers", "sgd", "--shard", "0/2"]) == 0
-    assert run.main(["--profile", "p", "--stage", "search", "--optimizers", "sgd", "--shard", "1/2"]) == 0
+    assert run.main(["--profile", "p", "--stage", "search", "--optimizers", "sgd"]) == 0
     assert sorted(c[1] for c in calls) == ["0.01", "0.1"]
-    assert not (root / "results" / "p" / "search.json").exists()  # shards write no summary
     record = root / "runs" / "p" / "curves" / "search" / "sgd" / "lr=0.1" / "run.json"
     stale = json.loads(record.read_text())
     stale["settings"]["t1"] = 20
@@ -100,6 +98,73 @@ def test_a_cached_run_with_other_settings_is_run_again_and_shards_split_the_work
     assert calls == [("sgd", "0.1", "2", None, "--force")]
     with pytest.raises(SystemExit, match="unknown optimizer"):
         run.main(["--profile", "p", "--optimizers", "lbfgs"])
+
+
+def test_runners_skip_and_wait_for_runs_another_runner_holds(runner, monkeypatch):
+    run, calls, root = runner
+    held = root / "runs" / "p" / "curves" / "search" / "sgd" / "lr=0.1"
+    other = run.claim(held)  # another runner's lock on lr = 0.1
+    assert other.__enter__() is True
+    with run.claim(held) as mine:
+        assert mine is False  # a second claim on a held run fails
+    waits = []
+
+    def other_runner_finishes(seconds):
+        waits.append(seconds)
+        _history([10, 9.4, 8.8]).write_csv(held / "history.csv")
+        (held / "run.json").write_text(json.dumps({"settings": {"epochs": 2, "train_subset": None, "t1": 100,
+                                                                "t2": 100, "seed": 0}}))
+        other.__exit__(None, None, None)
+
+    monkeypatch.setattr(run.time, "sleep", other_runner_finishes)
+    assert run.main(["--profile", "p", "--stage", "search", "--optimizers", "sgd"]) == 0
+    assert [c[1] for c in calls] == ["0.01"] and len(waits) == 1  # never ran the held run, waited once for it
+    search = json.loads((root / "results" / "p" / "search.json").read_text())
+    assert [r["settings"]["lr"] for r in search["curves"]["sgd"]] == [0.1, 0.01]
+
+
+def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner):
+    run, calls, root = runner
+    config = json.loads((root / "config.json").read_text())
+    profile = config["profiles"]["p"]
+    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # 5 points > eta * finalists = 4
+    profile.update(halving={"rungs": [1], "eta": 2}, check_ranks=[4, 8], with_variants=[])
+    (root / "config.json").write_text(json.dumps(config))
+    assert run.main(["--profile", "p", "--stage", "search"]) == 0
+    kfac = [(c[1], c[2], c[4]) for c in calls if c[0] == "kfac"]
+    # Rung 1: every point one epoch; the best ceil(5 / 2) = 3 finite ones continue to 2 epochs in place.
+    assert kfac == [(lr, "1", "--resume") for lr in ("0.3", "0.1", "0.03", "0.01", "0.003")] + [
+        (lr, "2", "--resume") for lr in ("0.1", "0.03", "0.01")]
+    assert [(c[1], c[2]) for c in calls if c[0] == "sgd"] == [("0.1", "2"), ("0.01", "2")]  # 2 points: in full
+    search = json.loads((root / "results" / "p" / "search.json").read_text())
+    assert [(r["settings"]["lr"], r["epoch"]) for r in search["curves"]["kfac"]] == [
+        (0.1, 2), (0.03, 2), (0.01, 2), (0.003, 1), (0.3, 1)]  # survivors first, the pruned at their rung
+    # The survivors are decided once: a survivor another runner is continuing has no history.csv.
+    survivors = root / "runs" / "p" / "curves" / "search" / "kfac" / "survivors.json"
+    assert [p["lr"] for p in json.loads(survivors.read_text())["survivors"][0]] == [0.1, 0.03, 0.01]
+    (survivors.parent / "damping=0.1_lr=0.1" / "history.csv").rename(survivors.parent / "away.csv")
+    assert [p["lr"] for p in run.search_points(run.problem_settings(run.load_config("p"), "curves"), "curves", "kfac",
+                                                "p", 1)] == [0.1, 0.03, 0.01]
+    (survivors.parent / "away.csv").rename(survivors.parent / "damping=0.1_lr=0.1" / "history.csv")
+    calls.clear()
+    assert run.main(["--profile", "p", "--stage", "search"]) == 0 and calls == []  # all cached
+    assert run.main(["--profile", "p", "--stage", "final"]) == 0
+    # Finalists (ranks 1-2) and check rank 4 (the pruned lr = 0.003); rank 8 does not exist.
+    assert sorted(c[1] for c in calls if c[0] == "kfac") == ["0.003", "0.03", "0.1"]
+
+
+def test_halving_replayed_on_a_full_search_reports_its_picks_and_cost(runner, monkeypatch):
+    run, calls, root = runner
+    config = json.loads((root / "config.json").read_text())
+    config["profiles"]["p"]["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]
+    (root / "config.json").write_text(json.dumps(config))
+    assert run.main(["--profile", "p", "--stage", "search", "--optimizers", "kfac"]) == 0
+    horizon = _load("horizon")
+    monkeypatch.setattr(horizon.run, "HERE", root)
+    settings = horizon.run.problem_settings(horizon.run.load_config("p"), "curves")
+    picks, cost = horizon.replay_halving(settings, "curves", "kfac", "p", [1, 2], eta=2)
+    assert [p["lr"] for p in picks] == [0.1, 0.03] and cost == 5 * 1 + 3 * 1
+    assert "| kfac | damping=0.1, lr=0.1; damping=0.1, lr=0.03 |" in horizon.report(settings, "curves", "p", ["kfac"], [1], 2)
 
 
 def test_claims_compare_per_epoch_and_per_second():

@@ -8,9 +8,16 @@ other settings than the config now asks for (``CACHE_KEYS``) is reported and run
 
 Stages. A profile with ``search_epochs`` is run in two stages:
 
-- ``search``: every grid point for ``search_epochs`` epochs (the short horizon);
-- ``final``: each optimizer's ``finalists`` best search points (by training loss at the end of
-  the search) for ``epochs`` epochs.
+- ``search``: every grid point for ``search_epochs`` epochs (the short horizon). With a
+  ``halving`` spec (``{"rungs": [1, 2], "eta": 3}``) a grid larger than ``eta * finalists``
+  points is searched by successive halving: every point runs to the first rung, the best
+  ``1/eta`` of them (at least ``finalists``) continue to the next rung, and so on to
+  ``search_epochs``. A run continues in its own directory (``--resume``), so a survivor's
+  history equals that of a point run straight to the end, and a pruned point keeps the history
+  of its last rung. The baselines' eight-point grids are searched in full.
+- ``final``: each optimizer's ``finalists`` best search points (deepest rung first, then
+  training loss at that rung) for ``epochs`` epochs, plus the search ranks listed in
+  ``check_ranks`` (1-based; the check that the short horizon picks what the full one would).
 
 A profile without ``search_epochs`` has one stage, ``final``, over the whole grid. Each optimizer's
 best final run (by final training loss; a diverged run counts as +inf) goes into
@@ -18,30 +25,39 @@ best final run (by final training loss; a diverged run counts as +inf) goes into
 ``results/<profile>/search.json``.
 
 Config keys of a profile (``per_problem: {problem: {key: value}}`` replaces them for one problem):
-``label``, ``epochs``, ``search_epochs``, ``finalists``, ``train_subset``, ``t1``, ``t2``,
-``average``, ``seed``, ``grids`` (``sgd``, ``adam``, ``natural`` and optionally one per optimizer
-or variant), ``natural_args`` (extra ``fisherlab train`` options of the natural-gradient
-optimizers, such as ``{"profile": "paper"}``) and ``with_variants`` (variants run after the
-optimizers). ``variants`` (top level) defines each variant: an optimizer run with other options,
-such as the block-averaged Deflation of the ablation.
+``label``, ``epochs``, ``search_epochs``, ``halving``, ``finalists``, ``check_ranks``,
+``train_subset``, ``t1``, ``t2``, ``average``, ``seed``, ``grids`` (``sgd``, ``adam``,
+``natural`` and optionally one per optimizer or variant), ``natural_args`` (extra
+``fisherlab train`` options of the natural-gradient optimizers, such as
+``{"profile": "paper"}``) and ``with_variants`` (variants run after the optimizers).
+``variants`` (top level) defines each variant: an optimizer run with other options, such as the
+block-averaged Deflation of the ablation.
 
-Two runners share the work with ``--shard 0/2`` and ``--shard 1/2`` (one thread each); a sharded
-runner writes no summary, so run it once more without ``--shard`` afterwards (everything cached).
+Any number of runners started with the same command share the work (run them with one thread
+each): a runner claims a run by an exclusive lock on ``.<run dir>.lock`` beside it, which the
+operating system releases when the runner exits or dies, and waits at the end of a rung (and of
+the stage) for the runs other runners hold. A run another runner left unfinished is resumed by
+whichever runner claims it next. Every runner writes the stage's summary when the stage is done.
 
 Usage::
 
     python experiments/fig2/run.py --profile cpu
-    OMP_NUM_THREADS=1 python experiments/fig2/run.py --profile paper --problems curves --stage search --shard 0/2
+    for i in 0 1; do OMP_NUM_THREADS=1 python experiments/fig2/run.py --profile paper --stage search & done
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import math
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from fisherlab.cli import main as fisherlab_main
 from fisherlab.io import atomic_write
@@ -49,6 +65,7 @@ from fisherlab.training import History
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ("sgd", "adam")
+POLL_SECONDS = 10  # how often a runner waiting for another's runs looks again
 
 #: Settings a cached run's ``run.json`` must match to be reused (config key -> run.json key).
 CACHE_KEYS = {"epochs": "epochs", "train_subset": "train_subset", "t1": "t1", "t2": "t2",
@@ -94,12 +111,20 @@ def expected(settings: dict, name: str, epochs: int) -> dict:
 
 
 def cache_mismatch(wanted: dict, out: Path) -> list[str]:
-    """The settings in which the cached run in ``out`` differs from ``wanted`` (empty: reusable)."""
+    """The settings in which the cached run in ``out`` differs from ``wanted`` (empty: reusable).
+
+    A run with more epochs than ``wanted`` is reusable (a search run continued to a later rung);
+    one with fewer is reported as ``epochs: recorded < wanted`` and continued (see ``ensure_run``).
+    """
     try:
         recorded = json.loads((out / "run.json").read_text())["settings"]
     except (OSError, KeyError, ValueError):
         return ["run.json unreadable"]
-    return [f"{key}: {recorded.get(key)!r} != {value!r}" for key, value in wanted.items() if recorded.get(key) != value]
+    differ = [f"{key}: {recorded.get(key)!r} != {value!r}" for key, value in wanted.items()
+              if key != "epochs" and recorded.get(key) != value]
+    if not isinstance(recorded.get("epochs"), int) or recorded["epochs"] < wanted["epochs"]:
+        differ.append(f"epochs: {recorded.get('epochs')!r} < {wanted['epochs']!r}")
+    return differ
 
 
 def grid(settings: dict, name: str) -> list[dict]:
@@ -128,55 +153,191 @@ def train_args(settings: dict, problem: str, name: str, point: dict, epochs: int
     return args
 
 
-def final_train_loss(history: History) -> float:
-    last = history.rows[-1]["train_loss"]
-    return last if math.isfinite(last) and not history.diverged else math.inf
+def reached(history: History, epochs: list[int]) -> tuple[float, int] | None:
+    """``(training loss, epoch)`` at the last of ``epochs`` the run reached, None if it reached none.
+
+    A diverged run (the loop stops at once) counts as +inf at the first of ``epochs`` at or after
+    the epoch where it stopped.
+    """
+    if history.diverged:
+        stop = history.rows[-1]["epoch"]
+        return math.inf, min((e for e in epochs if e >= stop), default=max(epochs))
+    losses = {row["epoch"]: row["train_loss"] for row in history.rows}
+    hit = [e for e in epochs if e in losses]
+    return (losses[max(hit)], max(hit)) if hit else None
+
+
+def is_complete(settings: dict, name: str, epochs: int, out: Path) -> bool:
+    return (out / "history.csv").exists() and cache_mismatch(expected(settings, name, epochs), out) == []
 
 
 def ensure_run(settings: dict, problem: str, name: str, point: dict, epochs: int, out: Path, device: str) -> bool:
-    """Bring the run in ``out`` to completion (cached, resumed or started); False if it failed."""
-    wanted = expected(settings, name, epochs)
-    stale = cache_mismatch(wanted, out) if (out / "history.csv").exists() else None
+    """Bring the run in ``out`` to completion (cached, continued, resumed or started); False if it failed."""
+    stale = cache_mismatch(expected(settings, name, epochs), out) if (out / "history.csv").exists() else None
     if stale == []:
         return True
-    if stale:
+    shorter = bool(stale) and len(stale) == 1 and stale[0].startswith("epochs:")
+    if stale and not shorter:
         print(f"[fig2] cached run {out.relative_to(HERE)} has other settings ({'; '.join(stale)}); "
               "running it again", flush=True)
     print(f"[fig2] {problem} {name} {point} {epochs} epochs", flush=True)
-    mode = "--force" if stale else "--resume"
+    mode = "--force" if stale and not shorter else "--resume"
     code = fisherlab_main(train_args(settings, problem, name, point, epochs, out) + ["--device", device, mode])
     if code != 0:
         print(f"[fig2] {out.relative_to(HERE)} failed with status {code}", file=sys.stderr, flush=True)
     return code == 0
 
 
-def ranking(settings: dict, problem: str, stage: str, name: str, profile: str, points: list[dict]) -> list[tuple]:
-    """``(final train loss, point, run dir)`` of the complete runs among ``points``, best first."""
+class Ranked(NamedTuple):
+    loss: float
+    epoch: int
+    point: dict
+    out: Path
+
+
+def ranking(settings: dict, problem: str, stage: str, name: str, profile: str, points: list[dict],
+            epochs: list[int]) -> list[Ranked]:
+    """The runs among ``points`` that reached one of ``epochs``, each at the last it reached, best first.
+
+    Runs that got further come first (a pruned search point ranks below every survivor), then lower
+    training loss at that epoch.
+    """
     ranked = []
     for point in points:
         out = run_dir(profile, problem, stage, name, point)
-        if (out / "history.csv").exists():
-            ranked.append((final_train_loss(History.read_csv(out / "history.csv")), point, out))
-    return sorted(ranked, key=lambda c: c[0])
+        if not (out / "history.csv").exists():
+            continue
+        at = reached(History.read_csv(out / "history.csv"), epochs)
+        if at is not None:
+            ranked.append(Ranked(*at, point, out))
+    return sorted(ranked, key=lambda r: (-r.epoch, r.loss))
 
 
-def tasks(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> list[tuple]:
-    """Every ``(problem, name, point, epochs, run dir)`` of ``stage``, in a fixed order."""
-    todo = []
+def search_rungs(settings: dict, name: str) -> list[int]:
+    """The epochs at which the search of ``name`` ranks its points (the last is ``search_epochs``)."""
+    halving = settings.get("halving")
+    if halving and len(grid(settings, name)) > halving["eta"] * settings["finalists"]:
+        return [*halving["rungs"], settings["search_epochs"]]
+    return [settings["search_epochs"]]
+
+
+def survivors(ranked: list[Ranked], rung: int, before: int, eta: int, finalists: int) -> list[dict]:
+    """The points that continue after ``rung``: the best ``1/eta`` of ``before`` (at least ``finalists``) that are finite."""
+    finite = [r.point for r in ranked if r.epoch == rung and math.isfinite(r.loss)]
+    return finite[: max(finalists, math.ceil(before / eta))]
+
+
+def search_points(settings: dict, problem: str, name: str, profile: str, rung: int) -> list[dict]:
+    """The points of ``name`` that run to rung ``rung``: all of the grid at rung 0.
+
+    The survivors of each rung are decided once, by the first runner to get there, and kept in
+    ``survivors.json`` beside the runs: another runner may already be continuing some of them
+    (which removes their ``history.csv`` until they finish), so they could not be ranked again.
+    """
+    points = grid(settings, name)
+    if rung == 0:
+        return points
+    rungs = search_rungs(settings, name)
+    spec = {"rungs": rungs, "eta": settings["halving"]["eta"], "finalists": settings["finalists"], "grid": points}
+    path = HERE / "runs" / profile / problem / "search" / name / "survivors.json"
+    with locked(path.parent / ".survivors.lock", wait=True):
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("spec") != spec:
+            saved = {"spec": spec, "survivors": []}
+        while len(saved["survivors"]) < rung:
+            k = len(saved["survivors"])
+            before = saved["survivors"][-1] if k else points
+            ranked = ranking(settings, problem, "search", name, profile, before, [rungs[k]])
+            saved["survivors"].append(survivors(ranked, rungs[k], len(before), spec["eta"], settings["finalists"]))
+            atomic_write(path, json.dumps(saved, indent=1))
+    return saved["survivors"][rung - 1]
+
+
+def phases(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> Iterator[list[tuple]]:
+    """The stage's ``(problem, name, point, epochs, run dir)`` tasks, one list per rung.
+
+    A rung's list is computed when the previous one is done (its survivors depend on it).
+    """
     for problem in problems:
         here = problem_settings(settings, problem)
-        two_stage = "search_epochs" in here
-        if stage == "search" and not two_stage:
+        if stage == "search" and "search_epochs" not in here:
             raise SystemExit(f"profile {profile} has no search stage for {problem} (no search_epochs)")
-        for name in names:
-            if stage == "search" or not two_stage:
-                points, epochs = grid(here, name), here["search_epochs"] if stage == "search" else here["epochs"]
-            else:
-                searched = ranking(here, problem, "search", name, profile, grid(here, name))
-                finite = [point for loss, point, _ in searched if math.isfinite(loss)]
-                points, epochs = finite[: here["finalists"]], here["epochs"]
-            todo += [(problem, name, point, epochs, run_dir(profile, problem, stage, name, point)) for point in points]
-    return todo
+    for rung in itertools.count():
+        todo = []
+        for problem in problems:
+            here = problem_settings(settings, problem)
+            for name in names:
+                if stage == "search":
+                    rungs = search_rungs(here, name)
+                    if rung < len(rungs):
+                        todo += [(problem, name, point, rungs[rung])
+                                 for point in search_points(here, problem, name, profile, rung)]
+                elif rung == 0:
+                    todo += [(problem, name, point, here["epochs"]) for point in final_points(here, problem, name, profile)]
+        if not todo:
+            return
+        yield [(problem, name, point, epochs, run_dir(profile, problem, stage, name, point))
+               for problem, name, point, epochs in todo]
+
+
+def final_points(settings: dict, problem: str, name: str, profile: str) -> list[dict]:
+    """The whole grid (one-stage profile), or the search's finalists and ``check_ranks`` of ``name``."""
+    if "search_epochs" not in settings:
+        return grid(settings, name)
+    searched = ranking(settings, problem, "search", name, profile, grid(settings, name), search_rungs(settings, name))
+    finite = [r.point for r in searched if math.isfinite(r.loss)]
+    ranks = range(settings["finalists"])
+    if name in settings["optimizers"]:
+        ranks = [*ranks, *(rank - 1 for rank in settings.get("check_ranks", []) if rank > settings["finalists"])]
+    return [finite[rank] for rank in ranks if rank < len(finite)]
+
+
+@contextlib.contextmanager
+def locked(lock: Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``lock``; without ``wait`` yield False if another process has it.
+
+    The operating system releases the lock when its process exits or dies.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim(out: Path) -> contextlib.AbstractContextManager[bool]:
+    """This runner's hold on the run in ``out``: yields False if another runner has it."""
+    return locked(out.parent / f".{out.name}.lock", wait=False)
+
+
+def work(settings: dict, todo: list[tuple], device: str, failed: set[Path]) -> None:
+    """Run every task of ``todo`` no other runner holds; return when each is complete or failed here."""
+    waiting = False
+    while True:
+        pending = [t for t in todo if t[4] not in failed
+                   and not is_complete(problem_settings(settings, t[0]), t[1], t[3], t[4])]
+        if not pending:
+            return
+        ran = False
+        for problem, name, point, epochs, out in pending:
+            with claim(out) as mine:
+                here = problem_settings(settings, problem)
+                if not mine or is_complete(here, name, epochs, out):
+                    continue
+                ran = True
+                if not ensure_run(here, problem, name, point, epochs, out, device):
+                    failed.add(out)
+        if not ran:
+            if not waiting:
+                print(f"[fig2] waiting for {len(pending)} runs held by another runner", flush=True)
+            waiting = True
+            time.sleep(POLL_SECONDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+")
     parser.add_argument("--optimizers", nargs="+", help="optimizer or variant names (default: the config's)")
     parser.add_argument("--stage", choices=("search", "final"), default="final")
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th task starting at the i-th")
     parser.add_argument("--device", default="cpu", help="of every run (default: cpu)")
     args = parser.parse_args(argv)
     settings = load_config(args.profile)
@@ -194,15 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if base_optimizer(settings, n) not in settings["optimizers"]]
     if unknown:
         raise SystemExit(f"unknown optimizer or variant {', '.join(unknown)}")
-    index, count = (int(part) for part in args.shard.split("/"))
-    if not 0 <= index < count:
-        raise SystemExit(f"--shard i/n needs 0 <= i < n, got {args.shard}")
-    todo = tasks(settings, args.profile, problems, names, args.stage)
-    failed = 0
-    for problem, name, point, epochs, out in todo[index::count]:
-        failed += not ensure_run(problem_settings(settings, problem), problem, name, point, epochs, out, args.device)
-    if count == 1:
-        summarise(settings, args.profile, problems, names, args.stage)
+    failed: set[Path] = set()
+    for todo in phases(settings, args.profile, problems, names, args.stage):
+        work(settings, todo, args.device, failed)
+    summarise(settings, args.profile, problems, names, args.stage)
     return 1 if failed else 0
 
 
@@ -214,26 +369,28 @@ def summarise(settings: dict, profile: str, problems: list[str], names: list[str
     for problem in problems:
         here = problem_settings(settings, problem)
         for name in names:
-            ranked = ranking(here, problem, stage, name, profile, grid(here, name))
+            epochs = search_rungs(here, name) if stage == "search" else [here["epochs"]]
+            ranked = ranking(here, problem, stage, name, profile, grid(here, name), epochs)
             if not ranked:
                 continue
-            grid_rows = [{"settings": p, "final_train_loss": loss, "history": str(o.relative_to(HERE) / "history.csv")}
-                         for loss, p, o in ranked]
+            grid_rows = [{"settings": r.point, "epoch": r.epoch, "final_train_loss": r.loss,
+                          "history": str(r.out.relative_to(HERE) / "history.csv")} for r in ranked]
             if stage == "search":
                 table.setdefault(problem, {})[name] = grid_rows
                 continue
-            loss, point, out = ranked[0]
-            record = json.loads((out / "run.json").read_text())
-            run_settings = record["settings"]
+            loss, epoch, point, out = ranked[0]
+            run_settings = json.loads((out / "run.json").read_text())["settings"]
+            rows = History.read_csv(out / "history.csv").rows
+            row = next((r for r in rows if r["epoch"] == epoch), rows[-1])  # a diverged run may stop early
             table.setdefault(problem, {})[name] = {
                 "settings": point,
                 "label": here["label"],
-                "run": {key: run_settings.get(key) for key in ("epochs", "n_train", "batch_size", "t1", "t2", "average",
+                "run": {key: run_settings.get(key) for key in ("n_train", "batch_size", "t1", "t2", "average",
                                                                "profile", "kl_form", "seed")},
                 "final_train_loss": loss,
-                "final_val_loss": record["final"]["val_loss"],
-                "seconds": record["final"]["seconds"],
-                "epochs": record["final"]["epoch"],
+                "final_val_loss": row["val_loss"],
+                "seconds": row["seconds"],
+                "epochs": epoch,
                 "history": str(out.relative_to(HERE) / "history.csv"),
                 "grid": grid_rows,
             }
