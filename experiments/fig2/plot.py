@@ -4,8 +4,7 @@ Variants (``config.json``'s ``variants``, the block-averaged rank-2 methods) go 
 ablation column beside the four panels, each against its optimizer's best run.
 
 The title names the problem and the profile's settings (``label`` in ``config.json``). A problem
-whose best runs' ``history.csv`` files are not on this machine (``runs/`` is not committed) is
-skipped and its existing figure left alone.
+whose best runs' ``history.csv`` files are missing is skipped and its existing figure left alone.
 
 Usage::
 
