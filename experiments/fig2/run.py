@@ -114,7 +114,8 @@ def cache_mismatch(wanted: dict, out: Path) -> list[str]:
     """The settings in which the cached run in ``out`` differs from ``wanted`` (empty: reusable).
 
     A run with more epochs than ``wanted`` is reusable (a search run continued to a later rung);
-    one with fewer is reported as ``epochs: recorded < wanted`` and continued (see ``ensure_run``).
+    one with fewer differs (``ensure_run`` continues it). Without ``epochs`` in ``wanted`` only the
+    other settings are compared.
     """
     try:
         recorded = json.loads((out / "run.json").read_text())["settings"]
@@ -122,7 +123,7 @@ def cache_mismatch(wanted: dict, out: Path) -> list[str]:
         return ["run.json unreadable"]
     differ = [f"{key}: {recorded.get(key)!r} != {value!r}" for key, value in wanted.items()
               if key != "epochs" and recorded.get(key) != value]
-    if not isinstance(recorded.get("epochs"), int) or recorded["epochs"] < wanted["epochs"]:
+    if "epochs" in wanted and (not isinstance(recorded.get("epochs"), int) or recorded["epochs"] < wanted["epochs"]):
         differ.append(f"epochs: {recorded.get('epochs')!r} < {wanted['epochs']!r}")
     return differ
 
@@ -173,15 +174,17 @@ def is_complete(settings: dict, name: str, epochs: int, out: Path) -> bool:
 
 def ensure_run(settings: dict, problem: str, name: str, point: dict, epochs: int, out: Path, device: str) -> bool:
     """Bring the run in ``out`` to completion (cached, continued, resumed or started); False if it failed."""
-    stale = cache_mismatch(expected(settings, name, epochs), out) if (out / "history.csv").exists() else None
-    if stale == []:
+    wanted = expected(settings, name, epochs)
+    cached = (out / "history.csv").exists()
+    if cached and cache_mismatch(wanted, out) == []:
         return True
-    shorter = bool(stale) and len(stale) == 1 and stale[0].startswith("epochs:")
-    if stale and not shorter:
+    # Only fewer epochs (a search run going on to the next rung): continue it in place.
+    stale = cache_mismatch({k: v for k, v in wanted.items() if k != "epochs"}, out) if cached else []
+    if stale:
         print(f"[fig2] cached run {out.relative_to(HERE)} has other settings ({'; '.join(stale)}); "
               "running it again", flush=True)
     print(f"[fig2] {problem} {name} {point} {epochs} epochs", flush=True)
-    mode = "--force" if stale and not shorter else "--resume"
+    mode = "--force" if stale else "--resume"
     code = fisherlab_main(train_args(settings, problem, name, point, epochs, out) + ["--device", device, mode])
     if code != 0:
         print(f"[fig2] {out.relative_to(HERE)} failed with status {code}", file=sys.stderr, flush=True)
