@@ -55,6 +55,7 @@ def runner(tmp_path, monkeypatch):
         out.mkdir(parents=True, exist_ok=True)
         losses = [math.nan] * (epochs + 1) if lr == 0.3 else [10 - e * (lr + 0.5) for e in range(epochs + 1)]
         _history(losses).write_csv(out / "history.csv")
+        (out / "checkpoint.pt").write_text("state")
         settings = {"epochs": epochs, "train_subset": None, "t1": 100, "t2": 100, "seed": 0,
                     "profile": opts.get("--profile", "fisherlab")}
         (out / "run.json").write_text(json.dumps({"settings": settings, "final": {"val_loss": 1.0, "seconds": 1.0,
@@ -151,6 +152,35 @@ def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner
     assert run.main(["--profile", "p", "--stage", "final"]) == 0
     # Finalists (ranks 1-2) and check rank 4 (the pruned lr = 0.003); rank 8 does not exist.
     assert sorted(c[1] for c in calls if c[0] == "kfac") == ["0.003", "0.03", "0.1"]
+
+
+def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
+    run, calls, root = runner
+    config = json.loads((root / "config.json").read_text())
+    profile = config["profiles"]["p"]
+    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # rung 1 keeps ceil(5 / 2) = 3
+    profile.update(halving={"rungs": [1], "eta": 2}, with_variants=[])
+    (root / "config.json").write_text(json.dumps(config))
+    settings = run.problem_settings(run.load_config("p"), "curves")
+    points = run.grid(settings, "kfac")
+    kfac = root / "runs" / "p" / "curves" / "search" / "kfac"
+
+    def rung_one(*lrs):
+        for lr in lrs:
+            point = next(p for p in points if p["lr"] == lr)
+            out = run.run_dir("p", "curves", "search", "kfac", point)
+            assert run.ensure_run(settings, "curves", "kfac", point, 1, out, "cpu")
+        return sorted(float(path.parent.name.split("lr=")[1])
+                      for path in run.spent_checkpoints(settings, "curves", "kfac", "p", 1))
+
+    # The diverged run goes at once; three finished finite runs are not yet beaten by three others.
+    assert rung_one(0.3, 0.01, 0.03, 0.1) == [0.3]
+    assert rung_one(0.003) == [0.003, 0.3]  # three finished runs beat it: it cannot survive
+    assert run.main(["--profile", "p", "--stage", "search"]) == 0
+    assert not list((root / "runs").rglob("checkpoint.pt"))  # the last rung's go too
+    assert (kfac / "damping=0.1_lr=0.003" / "history.csv").exists()  # the history stays
+    assert run.main(["--profile", "p", "--stage", "final"]) == 0
+    assert len(list((root / "runs" / "p" / "curves" / "final").rglob("checkpoint.pt"))) == 2 + 2  # kept: extendable
 
 
 def test_halving_replayed_on_a_full_search_reports_its_picks_and_cost(runner, monkeypatch):

@@ -14,7 +14,9 @@ Stages. A profile with ``search_epochs`` is run in two stages:
   ``1/eta`` of them (at least ``finalists``) continue to the next rung, and so on to
   ``search_epochs``. A run continues in its own directory (``--resume``), so a survivor's
   history equals that of a point run straight to the end, and a pruned point keeps the history
-  of its last rung. The baselines' eight-point grids are searched in full.
+  of its last rung. The baselines' eight-point grids are searched in full. Optimizers are
+  searched one after another, and a search run's checkpoint is deleted once the run cannot
+  continue (``spent_checkpoints``), so that the disk holds about a third of one grid's.
 - ``final``: each optimizer's ``finalists`` best search points (deepest rung first, then
   training loss at that rung) for ``epochs`` epochs, plus the search ranks listed in
   ``check_ranks`` (1-based; the check that the short horizon picks what the full one would).
@@ -61,7 +63,7 @@ from typing import NamedTuple
 
 from fisherlab.cli import main as fisherlab_main
 from fisherlab.io import atomic_write
-from fisherlab.training import History
+from fisherlab.training import CHECKPOINT, History
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ("sgd", "adam")
@@ -257,7 +259,9 @@ def search_points(settings: dict, problem: str, name: str, profile: str, rung: i
 
 
 def phases(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> Iterator[list[tuple]]:
-    """The stage's ``(problem, name, point, epochs, run dir)`` tasks, one list per rung.
+    """The stage's ``(problem, name, point, epochs, run dir)`` tasks: one list per rung of each
+    optimizer's search (optimizer by optimizer, so that only one grid's checkpoints are on disk at
+    a time), or one list of every final run.
 
     A rung's list is computed when the previous one is done (its survivors depend on it).
     """
@@ -265,22 +269,39 @@ def phases(settings: dict, profile: str, problems: list[str], names: list[str], 
         here = problem_settings(settings, problem)
         if stage == "search" and "search_epochs" not in here:
             raise SystemExit(f"profile {profile} has no search stage for {problem} (no search_epochs)")
-    for rung in itertools.count():
-        todo = []
-        for problem in problems:
-            here = problem_settings(settings, problem)
-            for name in names:
-                if stage == "search":
-                    rungs = search_rungs(here, name)
-                    if rung < len(rungs):
-                        todo += [(problem, name, point, rungs[rung])
-                                 for point in search_points(here, problem, name, profile, rung)]
-                elif rung == 0:
-                    todo += [(problem, name, point, here["epochs"]) for point in final_points(here, problem, name, profile)]
-        if not todo:
-            return
-        yield [(problem, name, point, epochs, run_dir(profile, problem, stage, name, point))
-               for problem, name, point, epochs in todo]
+    if stage == "final":
+        yield [(problem, name, point, problem_settings(settings, problem)["epochs"],
+                run_dir(profile, problem, stage, name, point))
+               for problem in problems for name in names
+               for point in final_points(problem_settings(settings, problem), problem, name, profile)]
+        return
+    for problem in problems:
+        here = problem_settings(settings, problem)
+        for name in names:
+            rungs = search_rungs(here, name)
+            for rung, epochs in enumerate(rungs):
+                yield [(problem, name, point, epochs, run_dir(profile, problem, stage, name, point))
+                       for point in search_points(here, problem, name, profile, rung)]
+
+
+def spent_checkpoints(settings: dict, problem: str, name: str, profile: str, epochs: int) -> list[Path]:
+    """The checkpoints of the search runs ending at ``epochs`` (a rung) that will never be continued.
+
+    Those of every finished run at the search's last rung (the final stage starts its runs
+    afresh), and at an earlier rung those of the finished runs that diverged or that at least as
+    many finished runs as survive the rung beat: runs finishing later can only push them further
+    down. A checkpoint costs up to a few hundred MB (a rank-2 method's factors on FACES), so a
+    128-point grid's would not fit on disk.
+    """
+    rungs = search_rungs(settings, name)
+    rung = rungs.index(epochs)
+    points = search_points(settings, problem, name, profile, rung)
+    done = [r for r in ranking(settings, problem, "search", name, profile, points, [epochs]) if r.epoch == epochs]
+    if rung < len(rungs) - 1:
+        keep = max(settings["finalists"], math.ceil(len(points) / settings["halving"]["eta"]))
+        finite = [r for r in done if math.isfinite(r.loss)]
+        done = [r for r in done if not math.isfinite(r.loss)] + finite[keep:]
+    return [r.out / CHECKPOINT for r in done if (r.out / CHECKPOINT).exists()]
 
 
 def final_points(settings: dict, problem: str, name: str, profile: str) -> list[dict]:
@@ -319,13 +340,23 @@ def claim(out: Path) -> contextlib.AbstractContextManager[bool]:
     return locked(out.parent / f".{out.name}.lock", wait=False)
 
 
-def work(settings: dict, todo: list[tuple], device: str, failed: set[Path]) -> None:
-    """Run every task of ``todo`` no other runner holds; return when each is complete or failed here."""
+def work(settings: dict, profile: str, stage: str, todo: list[tuple], device: str, failed: set[Path]) -> None:
+    """Run every task of ``todo`` no other runner holds; return when each is complete or failed here.
+
+    In the search, the checkpoints of runs that will not continue go as soon as that is known.
+    """
+    def tidy(problem: str, name: str, epochs: int) -> None:
+        if stage == "search":
+            for path in spent_checkpoints(problem_settings(settings, problem), problem, name, profile, epochs):
+                path.unlink(missing_ok=True)
+
     waiting = False
     while True:
         pending = [t for t in todo if t[4] not in failed
                    and not is_complete(problem_settings(settings, t[0]), t[1], t[3], t[4])]
         if not pending:
+            for problem, name, epochs in {(t[0], t[1], t[3]) for t in todo}:
+                tidy(problem, name, epochs)
             return
         ran = False
         for problem, name, point, epochs, out in pending:
@@ -336,6 +367,7 @@ def work(settings: dict, todo: list[tuple], device: str, failed: set[Path]) -> N
                 ran = True
                 if not ensure_run(here, problem, name, point, epochs, out, device):
                     failed.add(out)
+            tidy(problem, name, epochs)
         if not ran:
             if not waiting:
                 print(f"[fig2] waiting for {len(pending)} runs held by another runner", flush=True)
@@ -359,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown optimizer or variant {', '.join(unknown)}")
     failed: set[Path] = set()
     for todo in phases(settings, args.profile, problems, names, args.stage):
-        work(settings, todo, args.device, failed)
+        work(settings, args.profile, args.stage, todo, args.device, failed)
     summarise(settings, args.profile, problems, names, args.stage)
     return 1 if failed else 0
 
