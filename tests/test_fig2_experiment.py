@@ -124,7 +124,7 @@ def test_runners_skip_and_wait_for_runs_another_runner_holds(runner, monkeypatch
     assert [r["settings"]["lr"] for r in search["curves"]["sgd"]] == [0.1, 0.01]
 
 
-def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner):
+def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner, monkeypatch):
     run, calls, root = runner
     config = json.loads((root / "config.json").read_text())
     profile = config["profiles"]["p"]
@@ -143,10 +143,16 @@ def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner
     # The survivors are decided once: a survivor another runner is continuing has no history.csv.
     survivors = root / "runs" / "p" / "curves" / "search" / "kfac" / "survivors.json"
     assert [p["lr"] for p in json.loads(survivors.read_text())["survivors"][0]] == [0.1, 0.03, 0.01]
-    (survivors.parent / "damping=0.1_lr=0.1" / "history.csv").rename(survivors.parent / "away.csv")
+    continued = survivors.parent / "damping=0.1_lr=0.1"
+    (continued / "history.csv").rename(survivors.parent / "away.csv")
     assert [p["lr"] for p in run.search_points(run.problem_settings(run.load_config("p"), "curves"), "curves", "kfac",
                                                 "p", 1)] == [0.1, 0.03, 0.01]
-    (survivors.parent / "away.csv").rename(survivors.parent / "damping=0.1_lr=0.1" / "history.csv")
+    # Nor does a runner still on rung 1 wait for it: it finished rung 1 and went on.
+    monkeypatch.setattr(run.time, "sleep", lambda seconds: pytest.fail("waited for a survivor's next rung"))
+    with run.claim(continued):
+        rung_one = next(run.phases(run.load_config("p"), "p", ["curves"], ["kfac"], "search"))
+        run.work(run.load_config("p"), "p", "search", rung_one, "cpu", set())
+    (survivors.parent / "away.csv").rename(continued / "history.csv")
     calls.clear()
     assert run.main(["--profile", "p", "--stage", "search"]) == 0 and calls == []  # all cached
     assert run.main(["--profile", "p", "--stage", "final"]) == 0

@@ -232,6 +232,14 @@ def survivors(ranked: list[Ranked], rung: int, before: int, eta: int, finalists:
     return finite[: max(finalists, math.ceil(before / eta))]
 
 
+def halving_record(settings: dict, problem: str, name: str, profile: str) -> tuple[Path, dict]:
+    """Where the survivors of ``name``'s rungs are kept, and the spec they were decided under."""
+    rungs = search_rungs(settings, name)
+    spec = {"rungs": rungs, "eta": settings["halving"]["eta"], "finalists": settings["finalists"],
+            "grid": grid(settings, name)}
+    return HERE / "runs" / profile / problem / "search" / name / "survivors.json", spec
+
+
 def search_points(settings: dict, problem: str, name: str, profile: str, rung: int) -> list[dict]:
     """The points of ``name`` that run to rung ``rung``: all of the grid at rung 0.
 
@@ -242,9 +250,7 @@ def search_points(settings: dict, problem: str, name: str, profile: str, rung: i
     points = grid(settings, name)
     if rung == 0:
         return points
-    rungs = search_rungs(settings, name)
-    spec = {"rungs": rungs, "eta": settings["halving"]["eta"], "finalists": settings["finalists"], "grid": points}
-    path = HERE / "runs" / profile / problem / "search" / name / "survivors.json"
+    path, spec = halving_record(settings, problem, name, profile)
     with locked(path.parent / ".survivors.lock", wait=True):
         saved = json.loads(path.read_text()) if path.exists() else {}
         if saved.get("spec") != spec:
@@ -252,10 +258,26 @@ def search_points(settings: dict, problem: str, name: str, profile: str, rung: i
         while len(saved["survivors"]) < rung:
             k = len(saved["survivors"])
             before = saved["survivors"][-1] if k else points
-            ranked = ranking(settings, problem, "search", name, profile, before, [rungs[k]])
-            saved["survivors"].append(survivors(ranked, rungs[k], len(before), spec["eta"], settings["finalists"]))
+            ranked = ranking(settings, problem, "search", name, profile, before, [spec["rungs"][k]])
+            saved["survivors"].append(survivors(ranked, spec["rungs"][k], len(before), spec["eta"], settings["finalists"]))
             atomic_write(path, json.dumps(saved, indent=1))
     return saved["survivors"][rung - 1]
+
+
+def moved_on(settings: dict, problem: str, name: str, profile: str, epochs: int) -> set[Path]:
+    """The runs that finished the rung ending at ``epochs`` and went on: its survivors, once decided.
+
+    A runner continuing one has removed its ``history.csv``; it must not count as unfinished here,
+    or the other runners would wait on this rung for as long as any survivor is running.
+    """
+    rungs = search_rungs(settings, name)
+    if epochs == rungs[-1]:
+        return set()
+    path, spec = halving_record(settings, problem, name, profile)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    decided = saved.get("survivors", []) if saved.get("spec") == spec else []
+    rung = rungs.index(epochs)
+    return {run_dir(profile, problem, "search", name, point) for point in decided[rung]} if rung < len(decided) else set()
 
 
 def phases(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> Iterator[list[tuple]]:
@@ -352,7 +374,9 @@ def work(settings: dict, profile: str, stage: str, todo: list[tuple], device: st
 
     waiting = False
     while True:
-        pending = [t for t in todo if t[4] not in failed
+        gone = set().union(*(moved_on(problem_settings(settings, problem), problem, name, profile, epochs)
+                             for problem, name, epochs in {(t[0], t[1], t[3]) for t in todo})) if stage == "search" else set()
+        pending = [t for t in todo if t[4] not in failed and t[4] not in gone
                    and not is_complete(problem_settings(settings, t[0]), t[1], t[3], t[4])]
         if not pending:
             for problem, name, epochs in {(t[0], t[1], t[3]) for t in todo}:
