@@ -226,10 +226,15 @@ def search_rungs(settings: dict, name: str) -> list[int]:
     return [settings["search_epochs"]]
 
 
+def survivor_count(before: int, eta: int, finalists: int) -> int:
+    """How many of ``before`` points continue after a rung: ``1/eta`` of them, at least ``finalists``."""
+    return max(finalists, math.ceil(before / eta))
+
+
 def survivors(ranked: list[Ranked], rung: int, before: int, eta: int, finalists: int) -> list[dict]:
-    """The points that continue after ``rung``: the best ``1/eta`` of ``before`` (at least ``finalists``) that are finite."""
+    """The points that continue after ``rung``: the best ``survivor_count`` of ``before`` that are finite."""
     finite = [r.point for r in ranked if r.epoch == rung and math.isfinite(r.loss)]
-    return finite[: max(finalists, math.ceil(before / eta))]
+    return finite[: survivor_count(before, eta, finalists)]
 
 
 def halving_record(settings: dict, problem: str, name: str, profile: str) -> tuple[Path, dict]:
@@ -320,7 +325,7 @@ def spent_checkpoints(settings: dict, problem: str, name: str, profile: str, epo
     points = search_points(settings, problem, name, profile, rung)
     done = [r for r in ranking(settings, problem, "search", name, profile, points, [epochs]) if r.epoch == epochs]
     if rung < len(rungs) - 1:
-        keep = max(settings["finalists"], math.ceil(len(points) / settings["halving"]["eta"]))
+        keep = survivor_count(len(points), settings["halving"]["eta"], settings["finalists"])
         finite = [r for r in done if math.isfinite(r.loss)]
         done = [r for r in done if not math.isfinite(r.loss)] + finite[keep:]
     return [r.out / CHECKPOINT for r in done if (r.out / CHECKPOINT).exists()]
@@ -372,14 +377,15 @@ def work(settings: dict, profile: str, stage: str, todo: list[tuple], device: st
             for path in spent_checkpoints(problem_settings(settings, problem), problem, name, profile, epochs):
                 path.unlink(missing_ok=True)
 
+    rungs = {(t[0], t[1], t[3]) for t in todo}
     waiting = False
     while True:
         gone = set().union(*(moved_on(problem_settings(settings, problem), problem, name, profile, epochs)
-                             for problem, name, epochs in {(t[0], t[1], t[3]) for t in todo})) if stage == "search" else set()
+                             for problem, name, epochs in rungs)) if stage == "search" else set()
         pending = [t for t in todo if t[4] not in failed and t[4] not in gone
                    and not is_complete(problem_settings(settings, t[0]), t[1], t[3], t[4])]
         if not pending:
-            for problem, name, epochs in {(t[0], t[1], t[3]) for t in todo}:
+            for problem, name, epochs in rungs:
                 tidy(problem, name, epochs)
             return
         ran = False
