@@ -19,15 +19,18 @@ steps_per_epoch``.
 
 History (when validation data are given). One row before training (epoch 0, step 0), one
 after every ``log_every`` steps if asked, one at the end of every epoch and one at the end
-of the run. ``train_loss`` and ``val_loss`` are the losses of the whole training and
-validation sets at that moment; ``batch_loss`` is the mean mini-batch loss since the
-previous row; ``seconds`` is the wall-clock time spent training (evaluation excluded, CUDA
-synchronised), so losses can be drawn against time. A non-finite batch loss ends the run
+of the run; with ``epoch_rows=False`` neither the first row nor the epochs' (each row costs a
+pass over both sets, which a search that ranks runs by their final loss does not need).
+``train_loss`` and ``val_loss`` are the losses of the whole training and validation sets at
+that moment; ``batch_loss`` is the mean mini-batch loss since the previous row; ``seconds``
+is the wall-clock time spent training (evaluation excluded, CUDA synchronised), so losses
+can be drawn against time. A non-finite batch loss ends the run
 with a row and ``diverged`` set; so does a non-finite training loss at an epoch's end.
 
 Checkpoints. With a :class:`Checkpoint`, the model, the optimizer, the batch generator and
-the loop's counters are saved atomically after a history row or a step the hook asks for
-(at most once per ``checkpoint_interval`` seconds) and at the end of the run;
+the loop's counters are saved atomically after a history row, a step the hook asks for or
+(with a history) an epoch, at most once per ``checkpoint_interval`` seconds, and at the end
+of the run;
 :meth:`Loop.load_state_dict` restores them and the run continues bit for bit as if it had
 not stopped (on the same device; ``seconds`` excepted). The checkpoint is tied to the run's
 settings: resuming with other settings is refused.
@@ -199,6 +202,8 @@ class Loop:
         seed: seed of the batch order.
         val_data: validation examples; given, the loop keeps a :class:`History`.
         log_every: also log a history row every this many steps (0: at epoch ends only).
+        epoch_rows: log the rows before training and at every epoch's end (False: only at the
+            run's end, every ``log_every`` steps, and where it diverges).
         hook: the per-step :class:`Hook`.
         checkpoint: where to save the state to resume from (None: no checkpoints).
         checkpoint_interval: least seconds between checkpoints, except the last one.
@@ -223,6 +228,7 @@ class Loop:
         seed: int = 0,
         val_data: Tensor | None = None,
         log_every: int = 0,
+        epoch_rows: bool = True,
         hook: Hook | None = None,
         checkpoint: Checkpoint | None = None,
         checkpoint_interval: float = 0.0,
@@ -239,7 +245,7 @@ class Loop:
                 raise UserInputError(f"the {name} targets must have one row per example")
         self.train_data, self.val_data = train_data, val_data
         self.train_targets, self.val_targets = train_targets, val_targets
-        self.batch_size, self.steps, self.log_every = batch_size, steps, log_every
+        self.batch_size, self.steps, self.log_every, self.epoch_rows = batch_size, steps, log_every, epoch_rows
         self.steps_per_epoch = train_data.shape[0] // batch_size
         self.hook = hook or Hook()
         self.checkpoint, self.checkpoint_interval = checkpoint, checkpoint_interval
@@ -300,7 +306,7 @@ class Loop:
 
         end = self.steps if stop_at is None else min(stop_at, self.steps)
         keeps_history = self.val_data is not None
-        if keeps_history and not self.history.rows:
+        if keeps_history and self.epoch_rows and self.step == 0 and not self.history.rows:
             self._log()
         bar = tqdm(total=self.steps, initial=min(self.step, self.steps), disable=not self.progress, unit="step",
                    dynamic_ncols=True)
@@ -320,13 +326,14 @@ class Loop:
                     logged = keeps_history and self._log_due()
                     bar.set_postfix(self._postfix(), refresh=False)
                     bar.update()
-                    due = (asked or logged) and time.monotonic() - last_checkpoint >= self.checkpoint_interval
+                    epoch_end = keeps_history and self.step % self.steps_per_epoch == 0  # also without its row
+                    due = (asked or logged or epoch_end) and time.monotonic() - last_checkpoint >= self.checkpoint_interval
                     if self._stopped or self.step == end:
                         break
                     if due:
                         last_checkpoint = time.monotonic()
                         self.save_checkpoint()
-            if keeps_history and end == self.steps and self.history.rows[-1]["step"] != self.step:
+            if keeps_history and end == self.steps and (not self.history.rows or self.history.rows[-1]["step"] != self.step):
                 self._log()
             self.save_checkpoint()
         finally:
@@ -369,7 +376,7 @@ class Loop:
             self._log()
             logged = True
         if self.step % self.steps_per_epoch == 0:
-            if not logged:
+            if self.epoch_rows and not logged:
                 self._log()
                 logged = True
             self._stopped = self.history.diverged

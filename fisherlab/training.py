@@ -12,7 +12,7 @@ problem name (:func:`fisherlab.problems.get_problem`) or from a user's ``FILE.py
   has finished, so a killed run never looks complete;
 - ``run.json``: every setting, the data set's provenance, the optimizer's diagnostics and
   whether the run diverged;
-- ``checkpoint.pt``: the state to resume from, saved after every history row (see
+- ``checkpoint.pt``: the state to resume from, saved after every epoch and history row (see
   :class:`fisherlab.loop.Checkpoint`); ``resume=True`` continues from it, bit for bit, and
   a finished run can be extended to more epochs the same way.
 """
@@ -57,7 +57,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: File names inside a run directory.
 HISTORY, PARTIAL, RUN_JSON, CHECKPOINT = "history.csv", "history.partial.csv", "run.json", "checkpoint.pt"
 # Settings that do not change a run's numbers: a resume may change them.
-_RESUMABLE = {"epochs", "out", "data_dir", "cache_dir"}
+_RESUMABLE = {"epochs", "epoch_rows", "out", "data_dir", "cache_dir"}
 
 
 def train(
@@ -73,6 +73,7 @@ def train(
     batch_size: int,
     seed: int = 0,
     log_every: int = 0,
+    epoch_rows: bool = True,
     progress: bool = True,
     on_row: Callable[[History], None] | None = None,
     checkpoint: Checkpoint | None = None,
@@ -90,6 +91,7 @@ def train(
         batch_size: examples per step (incomplete last batches are dropped).
         seed: seed of the shuffling.
         log_every: also log every this many steps (0: at epoch ends only).
+        epoch_rows: log a row before training and at every epoch's end (False: at the end only).
         progress: show a tqdm progress bar.
         on_row: called with the history after every new row (to save it as it grows).
         checkpoint: where to save the state after every row and at the end.
@@ -107,7 +109,7 @@ def train(
     loop = Loop(model, problem, optimizer, train_data, train_targets=train_targets, val_targets=val_targets,
                 batch_size=batch_size,
                 steps=epochs * (train_data.shape[0] // batch_size), seed=seed, val_data=val_data,
-                log_every=log_every, checkpoint=checkpoint, on_row=on_row, progress=progress)
+                log_every=log_every, epoch_rows=epoch_rows, checkpoint=checkpoint, on_row=on_row, progress=progress)
     if resume and checkpoint is not None:
         state = _resumable(checkpoint, train_data.device, loop.steps, epochs)
         if state is not None:
@@ -230,6 +232,7 @@ def run_training(
     batch_size: int | None = None,
     train_subset: int | None = None,
     log_every: int = 0,
+    epoch_rows: bool = True,
     seed: int = 0,
     device: str = DEFAULT_DEVICE,
     dtype: str = "float32",
@@ -255,6 +258,7 @@ def run_training(
         batch_size: default: the paper's for the problem, 64 (or the training set) for a factory.
         train_subset: use only the first N training examples.
         log_every: also log every N steps (0: per epoch only).
+        epoch_rows: log a row before training and after every epoch (False: at the end only).
         seed: seed of the weights, the batch order and the Monte-Carlo targets.
         device: see :func:`fisherlab.device.resolve_device`.
         dtype: ``float32`` or ``float64``.
@@ -309,7 +313,7 @@ def run_training(
         "damping": damping, "clip": clip, "t1": t1, "t2": t2, "momentum": momentum, "weight_decay": weight_decay,
         "average": average, "mc_samples": mc_samples, "profile": profile, "kl_form": kl_form,
         "stats_batch": stats_batch, "fit_tol": fit_tol, "batch_size": batch_size, "train_subset": train_subset,
-        "log_every": log_every, "seed": seed, "device": str(dev), "dtype": dtype,
+        "log_every": log_every, "epoch_rows": epoch_rows, "seed": seed, "device": str(dev), "dtype": dtype,
         "data_dir": None if data_dir is None else str(data_dir),
         "cache_dir": None if cache_dir is None else str(cache_dir), "n_train": int(train_data.shape[0]),
     }
@@ -345,7 +349,7 @@ def run_training(
     }
     history = train(net, task.likelihood, opt, train_data, val_data, train_targets=task.train_targets,
                     val_targets=task.val_targets, epochs=epochs, batch_size=batch_size, seed=seed,
-                    log_every=log_every, progress=progress, on_row=lambda h: h.write_csv(partial),
+                    log_every=log_every, epoch_rows=epoch_rows, progress=progress, on_row=lambda h: h.write_csv(partial),
                     checkpoint=checkpoint, resume=resume)
     diagnostics = getattr(opt, "diagnostics", None)
     record.update(diverged=history.diverged, final=history.rows[-1])

@@ -175,7 +175,7 @@ def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
         for lr in lrs:
             point = next(p for p in points if p["lr"] == lr)
             out = run.run_dir("p", "curves", "search", "kfac", point)
-            assert run.ensure_run(settings, "curves", "kfac", point, 1, out, "cpu")
+            assert run.ensure_run(settings, "curves", "search", "kfac", point, 1, out, "cpu")
         return sorted(float(path.parent.name.split("lr=")[1])
                       for path in run.spent_checkpoints(settings, "curves", "kfac", "p", 1))
 
@@ -187,6 +187,16 @@ def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
     assert (kfac / "damping=0.1_lr=0.003" / "history.csv").exists()  # the history stays
     assert run.main(["--profile", "p", "--stage", "final"]) == 0
     assert len(list((root / "runs" / "p" / "curves" / "final").rglob("checkpoint.pt"))) == 2 + 2  # kept: extendable
+
+
+def test_search_runs_skip_the_epoch_rows_where_the_profile_says_so(runner):
+    run, _, root = runner
+    settings = run.problem_settings(run.load_config("p"), "curves")
+    point, out = {"damping": 0.1, "lr": 0.1}, root / "out"
+    assert "--no-epoch-rows" not in run.train_args(settings, "curves", "search", "kfac", point, 2, out)
+    settings["search_epoch_rows"] = False
+    assert "--no-epoch-rows" in run.train_args(settings, "curves", "search", "kfac", point, 2, out)
+    assert "--no-epoch-rows" not in run.train_args(settings, "curves", "final", "kfac", point, 4, out)  # the figure's
 
 
 def test_halving_replayed_on_a_full_search_reports_its_picks_and_cost(runner, monkeypatch):

@@ -30,12 +30,18 @@ def _without_seconds(history):
     return [{k: None if math.isnan(v) else v for k, v in row.items() if k != "seconds"} for row in history.rows]
 
 
-def _train(name, checkpoint=None, resume=False, stop_at=None, epochs=3):
+def _evaluations(history):
+    # batch_loss is the mean since the previous row, so it depends on which rows there are.
+    return [{k: row[k] for k in ("epoch", "step", "train_loss", "val_loss")} for row in history.rows]
+
+
+def _train(name, checkpoint=None, resume=False, stop_at=None, epochs=3, log_every=3, epoch_rows=True):
     model = SMALL.build_model(seed=0)
     opt = build_optimizer(name, model, SMALL, lr=0.01 if name == "adam" else 0.05, damping=1e-2, clip=1e-2, t1=2, t2=3,
                           momentum=0.5 if name != "adam" else None)
-    history = train(model, SMALL, opt, _data(136), _data(32, seed=1), epochs=epochs, batch_size=32, seed=3, log_every=3,
-                    progress=False, checkpoint=checkpoint, resume=resume, stop_at=stop_at)
+    history = train(model, SMALL, opt, _data(136), _data(32, seed=1), epochs=epochs, batch_size=32, seed=3,
+                    log_every=log_every, epoch_rows=epoch_rows, progress=False, checkpoint=checkpoint, resume=resume,
+                    stop_at=stop_at)
     return history, model
 
 
@@ -62,6 +68,42 @@ def test_resume_extends_a_finished_run_to_more_epochs(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     with pytest.raises(UserInputError, match="past the 8 steps of 2 epochs"):
         _train("kfac", checkpoint, resume=True, epochs=2)
+
+
+def test_without_epoch_rows_only_the_end_is_evaluated_and_training_is_unchanged(tmp_path):
+    whole, model = _train("kfac", log_every=0)
+    assert whole.column("step") == [0, 4, 8, 12]
+    lean, other = _train("kfac", log_every=0, epoch_rows=False)
+    assert _evaluations(lean) == _evaluations(whole)[-1:]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+    assert _train("kfac", epoch_rows=False)[0].column("step") == [3, 6, 9, 12]  # log_every still applies
+    # Extended, as a search rung is: each part adds the row at its end.
+    checkpoint = Checkpoint(tmp_path / "state.pt", {})
+    assert _train("kfac", checkpoint, epochs=2, log_every=0, epoch_rows=False)[0].column("step") == [8]
+    extended, again = _train("kfac", checkpoint, resume=True, log_every=0, epoch_rows=False)
+    assert _evaluations(extended) == [r for r in _evaluations(whole) if r["step"] in (8, 12)]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+def test_without_epoch_rows_a_run_still_checkpoints_every_epoch_and_records_its_divergence(tmp_path):
+    class Stop(Hook):
+        def after_step(self, step, epoch, loss):
+            if step == 6:  # inside the second epoch (4 steps each)
+                raise KeyboardInterrupt
+            return False
+
+    model = SMALL.build_model(seed=0)
+    checkpoint = Checkpoint(tmp_path / "c.pt", {})
+    loop = Loop(model, SMALL, torch.optim.SGD(model.parameters(), lr=0.05), _data(136), val_data=_data(32, seed=1),
+                batch_size=32, steps=12, epoch_rows=False, hook=Stop(), checkpoint=checkpoint, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == 4 and loop.history.rows == []
+    problem = get_problem("linear:16-8-16")
+    model = problem.build_model(seed=0)
+    history = train(model, problem, build_optimizer("sgd", model, problem, lr=1e3), _data(128), _data(32), epochs=5,
+                    batch_size=32, epoch_rows=False, progress=False)
+    assert history.diverged and len(history.rows) == 1 and history.rows[0]["epoch"] < 5
 
 
 def test_checkpoint_refuses_other_settings_and_ignores_a_damaged_file(tmp_path):

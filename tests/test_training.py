@@ -100,6 +100,12 @@ def test_train_command_writes_history_and_run_record(tmp_path, tiny_curves):
     assert record["settings"]["optimizer"] == "kfac" and record["diagnostics"]["stats_updates"] == 1
     assert not (out / "history.partial.csv").exists()
     assert main(args) == 2  # a finished run is not overwritten without --force
+    lean = [*args[:-3], "--out", str(tmp_path / "lean"), "--no-progress"]
+    assert main([*lean, "--no-epoch-rows"]) == 0
+    assert History.read_csv(tmp_path / "lean" / "history.csv").column("step") == [4]
+    assert json.loads((tmp_path / "lean" / "run.json").read_text())["settings"]["epoch_rows"] is False
+    assert main([*lean, "--resume", "--epochs", "3"]) == 0  # the rows are no setting of the training itself
+    assert History.read_csv(tmp_path / "lean" / "history.csv").column("step") == [4, 6]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ best final run (by final training loss; a diverged run counts as +inf) goes into
 
 Config keys of a profile (``per_problem: {problem: {key: value}}`` replaces them for one problem):
 ``label``, ``epochs``, ``search_epochs``, ``halving``, ``finalists``, ``check_ranks``,
+``search_epoch_rows`` (false: search runs evaluate only at their end, ``--no-epoch-rows``),
 ``train_subset``, ``t1``, ``t2``, ``average``, ``seed``, ``grids`` (``sgd``, ``adam``,
 ``natural`` and optionally one per optimizer or variant), ``natural_args`` (extra
 ``fisherlab train`` options of the natural-gradient optimizers, such as
@@ -143,7 +144,7 @@ def run_dir(profile: str, problem: str, stage: str, name: str, point: dict) -> P
     return HERE / "runs" / profile / problem / stage / name / label
 
 
-def train_args(settings: dict, problem: str, name: str, point: dict, epochs: int, out: Path) -> list[str]:
+def train_args(settings: dict, problem: str, stage: str, name: str, point: dict, epochs: int, out: Path) -> list[str]:
     args = ["train", "--problem", problem, "--optimizer", base_optimizer(settings, name), "--out", str(out),
             "--epochs", str(epochs), "--t1", str(settings["t1"]), "--t2", str(settings["t2"]),
             "--seed", str(settings["seed"]), "--no-progress"]
@@ -151,6 +152,8 @@ def train_args(settings: dict, problem: str, name: str, point: dict, epochs: int
         args += ["--average", settings["average"]]
     if settings["train_subset"]:
         args += ["--train-subset", str(settings["train_subset"])]
+    if stage == "search" and not settings.get("search_epoch_rows", True):
+        args.append("--no-epoch-rows")  # the ranking needs the loss at the rung's end only
     for key, value in {**run_options(settings, name), **point}.items():
         args += [f"--{key.replace('_', '-')}", value if isinstance(value, str) else repr(value)]
     return args
@@ -174,7 +177,8 @@ def is_complete(settings: dict, name: str, epochs: int, out: Path) -> bool:
     return (out / "history.csv").exists() and cache_mismatch(expected(settings, name, epochs), out) == []
 
 
-def ensure_run(settings: dict, problem: str, name: str, point: dict, epochs: int, out: Path, device: str) -> bool:
+def ensure_run(settings: dict, problem: str, stage: str, name: str, point: dict, epochs: int, out: Path,
+               device: str) -> bool:
     """Bring the run in ``out`` to completion (cached, continued, resumed or started); False if it failed."""
     wanted = expected(settings, name, epochs)
     cached = (out / "history.csv").exists()
@@ -187,7 +191,7 @@ def ensure_run(settings: dict, problem: str, name: str, point: dict, epochs: int
               "running it again", flush=True)
     print(f"[fig2] {problem} {name} {point} {epochs} epochs", flush=True)
     mode = "--force" if stale else "--resume"
-    code = fisherlab_main(train_args(settings, problem, name, point, epochs, out) + ["--device", device, mode])
+    code = fisherlab_main(train_args(settings, problem, stage, name, point, epochs, out) + ["--device", device, mode])
     if code != 0:
         print(f"[fig2] {out.relative_to(HERE)} failed with status {code}", file=sys.stderr, flush=True)
     return code == 0
@@ -395,7 +399,7 @@ def work(settings: dict, profile: str, stage: str, todo: list[tuple], device: st
                 if not mine or is_complete(here, name, epochs, out):
                     continue
                 ran = True
-                if not ensure_run(here, problem, name, point, epochs, out, device):
+                if not ensure_run(here, problem, stage, name, point, epochs, out, device):
                     failed.add(out)
             tidy(problem, name, epochs)
         if not ran:

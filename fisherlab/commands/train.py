@@ -85,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the paper's for the problem, 64 for a --model")
     parser.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--log-every", type=int, default=0, help="also log every N steps (0: per epoch only)")
+    parser.add_argument("--no-epoch-rows", dest="epoch_rows", action="store_false",
+                        help="no history row before training or at the epochs' ends, only at the run's end: each "
+                             "row is a pass over the training and validation sets, which a search that ranks "
+                             "runs by their final loss does not need")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -108,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
             clip=args.clip, t1=args.t1, t2=args.t2, momentum=args.momentum, weight_decay=args.weight_decay,
             average=args.average, mc_samples=args.mc_samples, profile=args.profile, kl_form=args.kl_form,
             stats_batch=args.stats_batch, fit_tol=args.fit_tol, batch_size=args.batch_size,
-            train_subset=args.train_subset, log_every=args.log_every, seed=args.seed, device=args.device,
-            dtype=args.dtype, data_dir=args.data_dir,
+            train_subset=args.train_subset, log_every=args.log_every, epoch_rows=args.epoch_rows, seed=args.seed,
+            device=args.device, dtype=args.dtype, data_dir=args.data_dir,
             cache_dir=args.cache_dir, force=args.force, resume=args.resume, progress=not args.no_progress,
         )
     except KeyboardInterrupt:
