@@ -24,8 +24,8 @@ pass over both sets, which a search that ranks runs by their final loss does not
 ``train_loss`` and ``val_loss`` are the losses of the whole training and validation sets at
 that moment; ``batch_loss`` is the mean mini-batch loss since the previous row; ``seconds``
 is the wall-clock time spent training (evaluation excluded, CUDA synchronised), so losses
-can be drawn against time. A non-finite batch loss ends the run
-with a row and ``diverged`` set; so does a non-finite training loss at an epoch's end.
+can be drawn against time. A non-finite batch loss ends the run with a row and ``diverged``
+set; so does a non-finite training loss in an epoch's row.
 
 Checkpoints. With a :class:`Checkpoint`, the model, the optimizer, the batch generator and
 the loop's counters are saved atomically after a history row, a step the hook asks for or

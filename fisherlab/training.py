@@ -94,7 +94,7 @@ def train(
         epoch_rows: log a row before training and at every epoch's end (False: at the end only).
         progress: show a tqdm progress bar.
         on_row: called with the history after every new row (to save it as it grows).
-        checkpoint: where to save the state after every row and at the end.
+        checkpoint: where to save the state after every epoch and row, and at the end.
         resume: continue from ``checkpoint`` where it holds a state.
         stop_at: pause after this many steps (a checkpoint is saved; resume continues).
 
