@@ -189,6 +189,46 @@ def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
     assert len(list((root / "runs" / "p" / "curves" / "final").rglob("checkpoint.pt"))) == 2 + 2  # kept: extendable
 
 
+def test_status_counts_runs_done_and_epochs_left_without_running_any(runner, capsys):
+    run, calls, root = runner
+    config = json.loads((root / "config.json").read_text())
+    profile = config["profiles"]["p"]
+    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # rung 1 keeps ceil(5 / 2) = 3
+    profile.update(halving={"rungs": [1], "eta": 2}, with_variants=[])
+    (root / "config.json").write_text(json.dumps(config))
+    settings = run.problem_settings(run.load_config("p"), "curves")
+
+    def status(stage="search"):
+        return [tuple(row)[1:] for row in run.progress(settings, "curves", stage, "kfac", "p")]
+
+    assert [r[:5] for r in status()] == [(1, 0, 5, True, 5), (2, 0, 3, False, 3)]  # rung 2: at most 3, 1 epoch each
+    assert math.isnan(status()[0][5])  # no finished run to time
+    def rung_one(point):
+        assert run.ensure_run(settings, "curves", "search", "kfac", point, 1,
+                              run.run_dir("p", "curves", "search", "kfac", point), "cpu")
+
+    for point in run.grid(settings, "kfac")[:4]:
+        rung_one(point)
+    assert status() == [(1, 4, 5, True, 1, 1.0), (2, 0, 3, False, 3, 1.0)]  # the diverged run is not timed
+    rung_one(run.grid(settings, "kfac")[4])
+    survivors = run.search_points(settings, "curves", "kfac", "p", 1)
+    assert [p["lr"] for p in survivors] == [0.1, 0.03, 0.01]
+    # A survivor on its way (history gone) finished rung 1; one without its checkpoint starts over.
+    first, second = (run.run_dir("p", "curves", "search", "kfac", p) for p in survivors[:2])
+    (first / "history.csv").unlink()
+    (second / "checkpoint.pt").unlink()
+    assert status() == [(1, 5, 5, True, 0, 1.0), (2, 0, 3, True, 1 + 2 + 1, 1.0)]
+    assert run.main(["--profile", "p", "--stage", "search"]) == 0
+    assert status() == [(1, 5, 5, True, 0, 1.0), (2, 3, 3, True, 0, 1.0)]
+    assert status("final") == [(4, 0, 2, True, 8, 1.0)]  # two finalists to 4 epochs, timed by the search's
+    calls.clear()
+    assert run.main(["--profile", "p", "--stage", "final", "--status"]) == 0 and calls == []
+    table = capsys.readouterr().out
+    kfac = next(line.split() for line in table.splitlines() if line.startswith("kfac"))
+    assert kfac == ["kfac", "4", "0/2", "8", "1.0", "0.00"]
+    assert not (root / "runs" / "p" / "curves" / "final").exists()
+
+
 def test_search_runs_skip_the_epoch_rows_where_the_profile_says_so(runner):
     run, _, root = runner
     settings = run.problem_settings(run.load_config("p"), "curves")

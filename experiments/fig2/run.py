@@ -41,11 +41,14 @@ each): a runner claims a run by an exclusive lock on ``.<run dir>.lock`` beside 
 operating system releases when the runner exits or dies, and waits at the end of a rung (and of
 the stage) for the runs other runners hold. A run another runner left unfinished is resumed by
 whichever runner claims it next. Every runner writes the stage's summary when the stage is done.
+``--status`` prints how far a stage is (runs done and run-epochs left per rung, and the training
+hours left at the finished runs' pace) and runs nothing.
 
 Usage::
 
     python experiments/fig2/run.py --profile cpu
     for i in 0 1; do OMP_NUM_THREADS=1 python experiments/fig2/run.py --profile paper --stage search & done
+    python experiments/fig2/run.py --profile paper --problems faces --stage search --status
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from fisherlab.cli import main as fisherlab_main
 from fisherlab.io import atomic_write
@@ -347,6 +352,78 @@ def final_points(settings: dict, problem: str, name: str, profile: str) -> list[
     return [finite[rank] for rank in ranks if rank < len(finite)]
 
 
+class Progress(NamedTuple):
+    name: str
+    epochs: int  # the rung's (search) or the full horizon (final)
+    done: int
+    runs: int  # decided, or at most this many where a rung's survivors are not decided yet
+    decided: bool
+    epochs_left: int  # run-epochs still to train
+    seconds_per_epoch: float  # median training seconds an epoch of the finished runs (NaN: none yet)
+
+
+def progress(settings: dict, problem: str, stage: str, name: str, profile: str) -> list[Progress]:
+    """How far ``name``'s search (one row a rung) or final stage is, read from the run directories.
+
+    Changes nothing: a rung whose survivors are not decided yet counts the most that can survive.
+    A run left unfinished without a checkpoint (one killed, or continued on another machine)
+    starts over, so its epochs count in full; with one, from the rung before (an upper bound).
+    """
+    per_epoch = []  # of both stages: an epoch costs the same
+    for path in (HERE / "runs" / profile / problem).glob(f"*/{name}/*/history.csv"):
+        history = History.read_csv(path)
+        last = history.rows[-1]
+        if not history.diverged and last["epoch"] > 0:
+            per_epoch.append(last["seconds"] / last["epoch"])
+    seconds = float(np.median(per_epoch)) if per_epoch else math.nan
+    if stage == "final":
+        points, horizon = final_points(settings, problem, name, profile), settings["epochs"]
+        outs = [run_dir(profile, problem, stage, name, p) for p in points]
+        done = sum(is_complete(settings, name, horizon, out) for out in outs)
+        left = sum(horizon for out in outs if not is_complete(settings, name, horizon, out))
+        return [Progress(name, horizon, done, len(outs), True, left, seconds)]
+    rungs = search_rungs(settings, name)
+    path, spec = halving_record(settings, problem, name, profile) if len(rungs) > 1 else (None, None)
+    saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    decided = saved.get("survivors", []) if saved.get("spec") == spec else []
+    rows, count, before = [], len(grid(settings, name)), 0
+    for k, epochs in enumerate(rungs):
+        points = grid(settings, name) if k == 0 else decided[k - 1] if k - 1 < len(decided) else None
+        if points is None:  # undecided: the most that can survive, each continued from its checkpoint
+            count = survivor_count(count, spec["eta"], settings["finalists"])
+            rows.append(Progress(name, epochs, 0, count, False, count * (epochs - before), seconds))
+        else:
+            count = len(points)
+            went_on = moved_on(settings, problem, name, profile, epochs)
+            outs = [run_dir(profile, problem, "search", name, p) for p in points]
+            todo = [out for out in outs if out not in went_on and not is_complete(settings, name, epochs, out)]
+            left = sum(epochs - before if (out / CHECKPOINT).exists() else epochs for out in todo)
+            rows.append(Progress(name, epochs, count - len(todo), count, True, left, seconds))
+        before = epochs
+    return rows
+
+
+def print_progress(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> None:
+    """The ``--status`` table: runs done and run-epochs left per rung, and the training hours left."""
+    for problem in problems:
+        here = problem_settings(settings, problem)
+        print(f"{problem}, {stage} stage (profile {profile})")
+        print(f"{'optimizer':<22}{'epochs':>7}{'runs done':>14}{'epochs left':>13}{'s/epoch':>9}{'hours left':>12}")
+        total, unknown = 0.0, []
+        for name in names:
+            for row in progress(here, problem, stage, name, profile):
+                runs = f"{row.done}/{row.runs}" if row.decided else f"0/<={row.runs}"
+                hours = row.epochs_left * row.seconds_per_epoch / 3600
+                if row.epochs_left and math.isnan(hours):
+                    unknown.append(name)
+                elif row.epochs_left:
+                    total += hours
+                print(f"{row.name:<22}{row.epochs:>7}{runs:>14}{row.epochs_left:>13}{row.seconds_per_epoch:>9.1f}"
+                      f"{hours:>12.2f}")
+        missing = f" (and {', '.join(sorted(set(unknown)))}, with no finished run to time)" if unknown else ""
+        print(f"training hours left: {total:.2f} on one runner{missing}; evaluation and start-up come on top")
+
+
 @contextlib.contextmanager
 def locked(lock: Path, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on the file ``lock``; without ``wait`` yield False if another process has it.
@@ -416,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", nargs="+", help="optimizer or variant names (default: the config's)")
     parser.add_argument("--stage", choices=("search", "final"), default="final")
     parser.add_argument("--device", default="cpu", help="of every run (default: cpu)")
+    parser.add_argument("--status", action="store_true",
+                        help="print the stage's runs done and left, and the training hours left; run nothing")
     args = parser.parse_args(argv)
     settings = load_config(args.profile)
     problems = args.problems or settings["problems"]
@@ -423,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if base_optimizer(settings, n) not in settings["optimizers"]]
     if unknown:
         raise SystemExit(f"unknown optimizer or variant {', '.join(unknown)}")
+    if args.status:
+        print_progress(settings, args.profile, problems, names, args.stage)
+        return 0
     failed: set[Path] = set()
     for todo in phases(settings, args.profile, problems, names, args.stage):
         work(settings, args.profile, args.stage, todo, args.device, failed)
