@@ -31,6 +31,15 @@ def _history(losses, seconds_per_epoch=1.0) -> History:
                      "train_loss": loss, "val_loss": loss} for e, loss in enumerate(losses)])
 
 
+def _five_points_halved(root: Path, **profile) -> None:
+    """Give the test profile five natural-gradient points (> eta * finalists = 4) and one halving
+    rung at epoch 1 that keeps ceil(5 / 2) = 3 of them; ``profile`` sets more keys."""
+    config = json.loads((root / "config.json").read_text())
+    config["profiles"]["p"]["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]
+    config["profiles"]["p"].update(halving={"rungs": [1], "eta": 2}, with_variants=[], **profile)
+    (root / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture
 def runner(tmp_path, monkeypatch):
     run = _load("run")
@@ -126,11 +135,7 @@ def test_runners_skip_and_wait_for_runs_another_runner_holds(runner, monkeypatch
 
 def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner, monkeypatch):
     run, calls, root = runner
-    config = json.loads((root / "config.json").read_text())
-    profile = config["profiles"]["p"]
-    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # 5 points > eta * finalists = 4
-    profile.update(halving={"rungs": [1], "eta": 2}, check_ranks=[4, 8], with_variants=[])
-    (root / "config.json").write_text(json.dumps(config))
+    _five_points_halved(root, check_ranks=[4, 8])
     assert run.main(["--profile", "p", "--stage", "search"]) == 0
     kfac = [(c[1], c[2], c[4]) for c in calls if c[0] == "kfac"]
     # Rung 1: every point one epoch; the best ceil(5 / 2) = 3 finite ones continue to 2 epochs in place.
@@ -162,11 +167,7 @@ def test_successive_halving_continues_the_best_runs_and_checks_more_ranks(runner
 
 def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
     run, calls, root = runner
-    config = json.loads((root / "config.json").read_text())
-    profile = config["profiles"]["p"]
-    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # rung 1 keeps ceil(5 / 2) = 3
-    profile.update(halving={"rungs": [1], "eta": 2}, with_variants=[])
-    (root / "config.json").write_text(json.dumps(config))
+    _five_points_halved(root)
     settings = run.problem_settings(run.load_config("p"), "curves")
     points = run.grid(settings, "kfac")
     kfac = root / "runs" / "p" / "curves" / "search" / "kfac"
@@ -191,11 +192,7 @@ def test_search_checkpoints_go_once_their_run_cannot_continue(runner):
 
 def test_status_counts_runs_done_and_epochs_left_without_running_any(runner, capsys):
     run, calls, root = runner
-    config = json.loads((root / "config.json").read_text())
-    profile = config["profiles"]["p"]
-    profile["grids"]["natural"]["lr"] = [0.3, 0.1, 0.03, 0.01, 0.003]  # rung 1 keeps ceil(5 / 2) = 3
-    profile.update(halving={"rungs": [1], "eta": 2}, with_variants=[])
-    (root / "config.json").write_text(json.dumps(config))
+    _five_points_halved(root)
     settings = run.problem_settings(run.load_config("p"), "curves")
 
     def status(stage="search"):
