@@ -224,6 +224,9 @@ def test_status_counts_runs_done_and_epochs_left_without_running_any(runner, cap
     kfac = next(line.split() for line in table.splitlines() if line.startswith("kfac"))
     assert kfac == ["kfac", "4", "0/2", "8", "1.0", "0.00"]
     assert not (root / "runs" / "p" / "curves" / "final").exists()
+    one_stage = {k: v for k, v in run.load_config("p").items() if k != "search_epochs"}
+    with pytest.raises(SystemExit, match="profile p has no search stage for curves"):
+        run.print_progress(one_stage, "p", ["curves"], ["kfac"], "search")
 
 
 def test_search_runs_skip_the_epoch_rows_where_the_profile_says_so(runner):

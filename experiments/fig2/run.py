@@ -294,6 +294,13 @@ def moved_on(settings: dict, problem: str, name: str, profile: str, epochs: int)
     return {run_dir(profile, problem, "search", name, point) for point in decided[rung]} if rung < len(decided) else set()
 
 
+def check_stage(settings: dict, profile: str, problems: list[str], stage: str) -> None:
+    """Exit with one line if a problem has no ``stage`` in ``profile`` (a search needs search_epochs)."""
+    for problem in problems:
+        if stage == "search" and "search_epochs" not in problem_settings(settings, problem):
+            raise SystemExit(f"profile {profile} has no search stage for {problem} (no search_epochs)")
+
+
 def phases(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> Iterator[list[tuple]]:
     """The stage's ``(problem, name, point, epochs, run dir)`` tasks: one list per rung of each
     optimizer's search (optimizer by optimizer, so that only one grid's checkpoints are on disk at
@@ -301,10 +308,7 @@ def phases(settings: dict, profile: str, problems: list[str], names: list[str], 
 
     A rung's list is computed when the previous one is done (its survivors depend on it).
     """
-    for problem in problems:
-        here = problem_settings(settings, problem)
-        if stage == "search" and "search_epochs" not in here:
-            raise SystemExit(f"profile {profile} has no search stage for {problem} (no search_epochs)")
+    check_stage(settings, profile, problems, stage)
     if stage == "final":
         yield [(problem, name, point, problem_settings(settings, problem)["epochs"],
                 run_dir(profile, problem, stage, name, point))
@@ -405,6 +409,7 @@ def progress(settings: dict, problem: str, stage: str, name: str, profile: str) 
 
 def print_progress(settings: dict, profile: str, problems: list[str], names: list[str], stage: str) -> None:
     """The ``--status`` table: runs done and run-epochs left per rung, and the training hours left."""
+    check_stage(settings, profile, problems, stage)
     for problem in problems:
         here = problem_settings(settings, problem)
         print(f"{problem}, {stage} stage (profile {profile})")
