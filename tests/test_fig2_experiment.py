@@ -200,6 +200,7 @@ def test_status_counts_runs_done_and_epochs_left_without_running_any(runner, cap
 
     assert [r[:5] for r in status()] == [(1, 0, 5, True, 5), (2, 0, 3, False, 3)]  # rung 2: at most 3, 1 epoch each
     assert math.isnan(status()[0][5])  # no finished run to time
+
     def rung_one(point):
         assert run.ensure_run(settings, "curves", "search", "kfac", point, 1,
                               run.run_dir("p", "curves", "search", "kfac", point), "cpu")

@@ -278,6 +278,15 @@ def search_points(settings: dict, problem: str, name: str, profile: str, rung: i
     return saved["survivors"][rung - 1]
 
 
+def decided_survivors(settings: dict, problem: str, name: str, profile: str) -> list[list[dict]]:
+    """The survivors of each rung of ``name``'s search decided so far (none without halving)."""
+    if len(search_rungs(settings, name)) == 1:
+        return []
+    path, spec = halving_record(settings, problem, name, profile)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    return saved.get("survivors", []) if saved.get("spec") == spec else []
+
+
 def moved_on(settings: dict, problem: str, name: str, profile: str, epochs: int) -> set[Path]:
     """The runs that finished the rung ending at ``epochs`` and went on: its survivors, once decided.
 
@@ -287,9 +296,7 @@ def moved_on(settings: dict, problem: str, name: str, profile: str, epochs: int)
     rungs = search_rungs(settings, name)
     if epochs == rungs[-1]:
         return set()
-    path, spec = halving_record(settings, problem, name, profile)
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    decided = saved.get("survivors", []) if saved.get("spec") == spec else []
+    decided = decided_survivors(settings, problem, name, profile)
     rung = rungs.index(epochs)
     return {run_dir(profile, problem, "search", name, point) for point in decided[rung]} if rung < len(decided) else set()
 
@@ -384,17 +391,13 @@ def progress(settings: dict, problem: str, stage: str, name: str, profile: str) 
         points, horizon = final_points(settings, problem, name, profile), settings["epochs"]
         outs = [run_dir(profile, problem, stage, name, p) for p in points]
         done = sum(is_complete(settings, name, horizon, out) for out in outs)
-        left = sum(horizon for out in outs if not is_complete(settings, name, horizon, out))
-        return [Progress(name, horizon, done, len(outs), True, left, seconds)]
-    rungs = search_rungs(settings, name)
-    path, spec = halving_record(settings, problem, name, profile) if len(rungs) > 1 else (None, None)
-    saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    decided = saved.get("survivors", []) if saved.get("spec") == spec else []
+        return [Progress(name, horizon, done, len(outs), True, (len(outs) - done) * horizon, seconds)]
+    decided = decided_survivors(settings, problem, name, profile)
     rows, count, before = [], len(grid(settings, name)), 0
-    for k, epochs in enumerate(rungs):
+    for k, epochs in enumerate(search_rungs(settings, name)):
         points = grid(settings, name) if k == 0 else decided[k - 1] if k - 1 < len(decided) else None
         if points is None:  # undecided: the most that can survive, each continued from its checkpoint
-            count = survivor_count(count, spec["eta"], settings["finalists"])
+            count = survivor_count(count, settings["halving"]["eta"], settings["finalists"])
             rows.append(Progress(name, epochs, 0, count, False, count * (epochs - before), seconds))
         else:
             count = len(points)
